@@ -1,0 +1,156 @@
+"""The recipe and the two profiles, as one typed object.
+
+The *recipe* is the MONAI spleen tutorial (MSD Task09): what the network is and how the data is
+prepared. It travels inside every checkpoint and ONNX file, so inference needs nothing else.
+A *profile* (``quick`` or ``full``) changes only sizes and counts: epochs, cases, cache,
+validation interval, device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import SpleenError
+
+#: the project root (the folder holding ``pyproject.toml``); data/ and outputs/ live under it.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything a model needs to be trained and run: preprocessing and network."""
+
+    pixdim: tuple[float, float, float] = (1.5, 1.5, 2.0)  # mm, RAS axes
+    orientation: str = "RAS"
+    hu_window: tuple[float, float] = (-57.0, 164.0)  # HU mapped to [0, 1], clipped
+    patch_size: tuple[int, int, int] = (96, 96, 96)
+    num_samples: int = 4  # random crops per volume, balanced positive / negative
+    pos: float = 1.0
+    neg: float = 1.0
+    # network: MONAI residual UNet
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256)
+    strides: tuple[int, ...] = (2, 2, 2, 2)
+    num_res_units: int = 2
+    norm: str = "batch"
+    labels: tuple[str, ...] = ("background", "spleen")
+    # optimisation
+    learning_rate: float = 1e-4
+    # sliding-window validation / inference
+    sw_roi: tuple[int, int, int] = (160, 160, 160)
+    sw_batch_size: int = 4
+    overlap: float = 0.25
+
+    def network_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`monai.networks.nets.UNet` for this recipe."""
+        return {
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": len(self.labels),
+            "channels": list(self.channels),
+            "strides": list(self.strides),
+            "num_res_units": self.num_res_units,
+            "norm": self.norm,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+        known = {f.name: f for f in fields(cls)}
+        kwargs = {}
+        for k, v in d.items():
+            if k in known:
+                kwargs[k] = tuple(v) if isinstance(v, (list, tuple)) else v
+        return cls(**kwargs)
+
+
+@dataclass
+class Config:
+    """A run: the recipe plus the sizes and counts a profile chooses."""
+
+    profile: str = "quick"
+    recipe: Recipe = field(default_factory=Recipe)
+    data_root: Path = PROJECT_ROOT / "data"
+    dataset: str = "Synthetic_Spleen"  # folder under data_root, MSD layout
+    out_dir: Path = PROJECT_ROOT / "outputs" / "runs" / "quick"
+    epochs: int = 40
+    batch_size: int = 2  # volumes per step; each gives ``recipe.num_samples`` crops
+    val_cases: int = 3  # the last N of the sorted training list (MONAI tutorial: 9 of 41)
+    max_cases: int | None = None  # use only the first N training cases (None: all)
+    cache_rate: float = 1.0
+    val_interval: int = 2
+    num_workers: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # fp16 on CUDA, bf16 on a CPU that supports it
+    seed: int = 0
+    # synthetic data (quick profile)
+    synthetic_cases: int = 12
+    synthetic_test_cases: int = 3
+
+    @property
+    def dataset_dir(self) -> Path:
+        return Path(self.data_root) / self.dataset
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["recipe"] = self.recipe.to_dict()
+        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+
+
+PROFILES: dict[str, dict[str, Any]] = {
+    # CPU, minutes, offline: the synthetic MSD-layout set that spleen_utils.synthetic writes.
+    "quick": dict(
+        dataset="Synthetic_Spleen",
+        epochs=40,
+        val_cases=3,
+        cache_rate=1.0,
+        val_interval=2,
+        num_workers=0,
+        device="auto",
+        synthetic_cases=12,
+        synthetic_test_cases=3,
+    ),
+    # The whole MONAI recipe on MSD Task09 (41 training cases, last 9 for validation), on a GPU.
+    "full": dict(
+        dataset="Task09_Spleen",
+        epochs=600,
+        val_cases=9,
+        cache_rate=1.0,
+        val_interval=2,
+        num_workers=4,
+        device="cuda",
+    ),
+}
+
+
+def get_config(profile: str = "quick", **overrides: Any) -> Config:
+    """The configuration of ``profile`` with ``overrides`` (``None`` values are ignored).
+
+    Overrides may name any :class:`Config` field or any :class:`Recipe` field.
+    """
+    if profile not in PROFILES:
+        raise SpleenError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}.")
+    values: dict[str, Any] = dict(PROFILES[profile])
+    values["out_dir"] = PROJECT_ROOT / "outputs" / "runs" / profile
+    recipe_fields = {f.name for f in fields(Recipe)}
+    config_fields = {f.name for f in fields(Config)}
+    recipe_over = {}
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if k in recipe_fields:
+            recipe_over[k] = tuple(v) if isinstance(v, list) else v
+        elif k in config_fields:
+            values[k] = v
+        else:
+            raise SpleenError(f"unknown setting {k!r}.")
+    for k in ("data_root", "out_dir"):
+        values[k] = Path(values[k])
+    cfg = Config(profile=profile, **values)
+    if recipe_over:
+        cfg.recipe = dataclasses.replace(cfg.recipe, **recipe_over)
+    return cfg

@@ -1,0 +1,134 @@
+"""The network factory and self-describing checkpoints.
+
+A checkpoint (``best_model.pt``) is a plain dict that ``torch.load(weights_only=True)`` reads:
+the weights plus everything needed to use them (network arguments, the recipe, labels, library
+versions), in the spirit of a MONAI bundle's ``metadata.json``. It is written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Recipe
+from .errors import SpleenError
+
+CHECKPOINT_FORMAT = "spleen_utils.checkpoint/1"
+
+
+def build_network(recipe: Recipe) -> torch.nn.Module:
+    """The MONAI residual 3D UNet of the spleen tutorial."""
+    from monai.networks.nets import UNet
+
+    return UNet(**recipe.network_kwargs())
+
+
+def library_versions() -> dict[str, str]:
+    import monai
+    import nibabel
+    import numpy
+
+    from . import __version__
+
+    return {
+        "spleen_utils": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "numpy": numpy.__version__,
+        "nibabel": nibabel.__version__,
+    }
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, then rename: never a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def make_checkpoint(model: torch.nn.Module, recipe: Recipe, **extra: Any) -> dict[str, Any]:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "state_dict": state,
+        "network": {"name": "monai.networks.nets.UNet", "kwargs": recipe.network_kwargs()},
+        "recipe": recipe.to_dict(),
+        "labels": list(recipe.labels),
+        "versions": library_versions(),
+        **extra,
+    }
+
+
+def save_checkpoint(model: torch.nn.Module, recipe: Recipe, path: str | Path, **extra: Any) -> Path:
+    """Write a self-describing checkpoint atomically. ``extra`` adds e.g. epoch and metric."""
+    return atomic_torch_save(make_checkpoint(model, recipe, **extra), path)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read and validate a checkpoint dict (weights only, no code execution)."""
+    path = Path(path)
+    if not path.exists():
+        raise SpleenError(f"{path}: no such model file.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged file
+        raise SpleenError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}).") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise SpleenError(f"{path}: not a spleen_utils checkpoint (expected format {CHECKPOINT_FORMAT}).")
+    return ckpt
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Recipe, dict[str, Any]]:
+    """Network (in eval mode, on ``device``), its recipe, and the checkpoint's metadata."""
+    ckpt = read_checkpoint(path)
+    recipe = Recipe.from_dict(ckpt["recipe"])
+    model = build_network(recipe)
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise SpleenError(f"{path}: weights do not match the network the checkpoint describes ({str(e).splitlines()[0]}).") from None
+    model.to(device).eval()
+    meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer", "scaler")}
+    return model, recipe, meta
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is a clear error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise SpleenError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu or auto.")
+    if str(device) not in ("cpu",) and not str(device).startswith("cuda"):
+        raise SpleenError(f"unknown device {device!r}; use auto, cpu or cuda.")
+    return torch.device(device)
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU has native bf16 instructions (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
