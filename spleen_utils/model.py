@@ -39,10 +39,10 @@ def library_versions() -> dict[str, str]:
     return {
         "spleen_utils": __version__,
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "numpy": numpy.__version__,
-        "nibabel": nibabel.__version__,
+        "torch": str(torch.__version__),
+        "monai": str(monai.__version__),
+        "numpy": str(numpy.__version__),
+        "nibabel": str(nibabel.__version__),
     }
 
 

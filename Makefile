@@ -1,0 +1,39 @@
+# One environment (.venv), two set-up commands: `make reproduce` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PROFILE ?= quick
+# torch is pinned in the same pip command as everything else: an unpinned torch pulls CUDA wheels.
+PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check -q torch==2.13.0 -e '.[book,test,serve]'
+
+.PHONY: env reproduce data train predict evaluate test test-fast test-notebooks cpp lab bench clean refresh-notebooks
+
+env: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q --upgrade pip
+	$(PIP_INSTALL)
+	$(BIN)/python -m ipykernel install --sys-prefix --name spleen-seg --display-name "Python (spleen-seg)" >/dev/null
+	touch $@
+
+## the main job: data, training, prediction, evaluation (quick profile unless PROFILE=full)
+reproduce: env
+	$(BIN)/spleen-seg reproduce --profile $(PROFILE)
+
+## the whole test suite: unit, integration, C++ and notebook (nbval) tests
+test: env
+	$(BIN)/python -m pytest -q
+
+test-fast: env
+	$(BIN)/python -m pytest -q -m "not slow"
+
+cpp:
+	bash cpp/build.sh
+
+## JupyterLab in the project's environment, with the "Python (spleen-seg)" kernel
+lab: env
+	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0 -e '.[book,test,serve,lab]'
+	cd notebooks && ../$(BIN)/jupyter lab
+
+clean:
+	rm -rf _build outputs/runs outputs/notebooks

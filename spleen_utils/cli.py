@@ -1,0 +1,226 @@
+"""The ``spleen-seg`` command: a thin caller of the same functions the notebooks use.
+
+Errors a user can fix print one sentence and exit with status 2; an interruption exits 130 and
+says how to continue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import SpleenError
+
+
+def _csv_ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _csv_floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+# ---------------------------------------------------------------- data
+def cmd_data_download(a: argparse.Namespace) -> int:
+    from .data import MSD_MD5, MSD_URL, download_msd
+
+    path = download_msd(a.root, url=a.url or MSD_URL, md5=(a.md5 if a.md5 is not None else (MSD_MD5 if not a.url else None)))
+    print(f"MSD Task09 Spleen is ready in {path}")
+    return 0
+
+
+def cmd_data_synthetic(a: argparse.Namespace) -> int:
+    from .synthetic import write_synthetic_dataset
+
+    path = write_synthetic_dataset(a.root, cases=a.cases, test_cases=a.test_cases, seed=a.seed, progress=not a.quiet)
+    print(f"synthetic dataset ({a.cases} training + {a.test_cases} test cases, seed {a.seed}) is ready in {path}")
+    return 0
+
+
+# ---------------------------------------------------------------- train
+def config_from_args(a: argparse.Namespace):
+    from .config import get_config
+
+    over = dict(
+        epochs=a.epochs,
+        device=a.device,
+        val_interval=a.val_interval,
+        val_cases=a.val_cases,
+        max_cases=a.max_cases,
+        batch_size=a.batch_size,
+        seed=a.seed,
+        num_workers=a.num_workers,
+        cache_rate=a.cache_rate,
+        learning_rate=a.lr,
+        patch_size=a.patch_size,
+        num_samples=a.num_samples,
+        sw_roi=a.sw_roi,
+        pixdim=a.pixdim,
+    )
+    if a.no_amp:
+        over["amp"] = False
+    if a.data:
+        data = Path(a.data)
+        over["data_root"], over["dataset"] = data.parent, data.name
+    if a.out:
+        over["out_dir"] = Path(a.out)
+    return get_config(a.profile, **over)
+
+
+def ensure_dataset(cfg, progress: bool = True) -> None:
+    """The quick profile makes its synthetic set on first use; MSD must be downloaded."""
+    if (cfg.dataset_dir / "dataset.json").exists():
+        return
+    if cfg.dataset.startswith("Synthetic"):
+        from .synthetic import write_synthetic_dataset
+
+        print(f"{cfg.dataset_dir} does not exist yet: generating the synthetic dataset first.", file=sys.stderr)
+        write_synthetic_dataset(cfg.data_root, cases=cfg.synthetic_cases, test_cases=cfg.synthetic_test_cases, seed=cfg.seed, name=cfg.dataset, progress=progress)
+    else:
+        raise SpleenError(f"{cfg.dataset_dir}: no dataset here; run `spleen-seg data download --root {cfg.data_root}` first.")
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .train import train
+
+    cfg = config_from_args(a)
+    ensure_dataset(cfg, progress=not a.quiet)
+    max_seconds = a.max_minutes * 60 if a.max_minutes else None
+    summary = train(cfg, resume=a.resume, progress=not a.quiet, max_seconds=max_seconds)
+    print(json.dumps(summary, indent=2))
+    print(f"best model: {Path(cfg.out_dir) / 'best_model.pt'}")
+    return 0
+
+
+# ---------------------------------------------------------------- predict / evaluate
+def cmd_predict(a: argparse.Namespace) -> int:
+    from .infer import Predictor
+
+    predictor = Predictor.from_path(a.model, backend=a.backend, device=a.device, precision=a.precision, lcc=not a.no_lcc, progress=False)
+
+    def report(rec):
+        t = rec["timings"]
+        print(f"{Path(rec['input']).name}: {rec['spleen_ml']:.1f} mL spleen -> {rec['output']} ({t['total_s']:.1f} s, {rec['backend']})")
+
+    records = predictor.predict_path(a.input, a.output, on_case=report)
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(records, indent=2))
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .metrics import evaluate
+
+    res = evaluate(a.pred, a.label, a.json)
+    print(f"{'case':<24}{'dice':>8}{'hd95 mm':>10}{'pred mL':>10}{'label mL':>10}")
+    for c in res["cases"]:
+        hd = "n/a" if c["hd95_mm"] is None else f"{c['hd95_mm']:.2f}"
+        print(f"{c['name']:<24}{c['dice']:>8.4f}{hd:>10}{c['pred_ml']:>10.1f}{c['label_ml']:>10.1f}")
+    hd = "n/a" if res["mean_hd95_mm"] is None else f"{res['mean_hd95_mm']:.2f}"
+    print(f"{'mean (' + str(res['n']) + ' cases)':<24}{res['mean_dice']:>8.4f}{hd:>10}")
+    if a.json:
+        print(f"written: {a.json}")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="spleen-seg", description="3D spleen segmentation on CT with MONAI: data, training, inference, evaluation.")
+    p.add_argument("--version", action="version", version=f"spleen-seg {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("data", help="get a dataset in the MSD layout")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="SOURCE")
+    dl = dsub.add_parser("download", help="MSD Task09 Spleen from the official mirror (verified, idempotent)")
+    dl.add_argument("--root", default="data", help="folder that receives Task09_Spleen/ (default: data)")
+    dl.add_argument("--url", help="a mirror of Task09_Spleen.tar")
+    dl.add_argument("--md5", help="expected MD5 of the archive (default: MONAI's published one; none for a --url mirror)")
+    dl.set_defaults(func=cmd_data_download)
+    sy = dsub.add_parser("synthetic", help="write a synthetic CT dataset in the MSD layout (the quick profile's)")
+    sy.add_argument("--root", default="data", help="folder that receives Synthetic_Spleen/ (default: data)")
+    sy.add_argument("--cases", type=int, default=12, help="training cases (default: 12)")
+    sy.add_argument("--test-cases", type=int, default=3, help="test cases (default: 3)")
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--quiet", action="store_true", help="no progress bar")
+    sy.set_defaults(func=cmd_data_synthetic)
+
+    t = sub.add_parser("train", help="train the recipe (quick: CPU minutes on synthetic data; full: MSD on a GPU)")
+    t.add_argument("--profile", choices=["quick", "full"], default="quick")
+    t.add_argument("--data", help="dataset folder in MSD layout (default: the profile's under data/)")
+    t.add_argument("--out", help="run folder (default: outputs/runs/<profile>)")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last.pt")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--val-interval", type=int, help="validate every N epochs")
+    t.add_argument("--val-cases", type=int, help="validate on the last N of the sorted cases")
+    t.add_argument("--max-cases", type=int, help="use only the first N training cases")
+    t.add_argument("--batch-size", type=int, help="volumes per step (each gives --num-samples crops)")
+    t.add_argument("--num-samples", type=int, help="random crops per volume")
+    t.add_argument("--patch-size", type=_csv_ints, help="crop size, e.g. 96,96,96")
+    t.add_argument("--sw-roi", type=_csv_ints, help="sliding-window size for validation, e.g. 160,160,160")
+    t.add_argument("--pixdim", type=_csv_floats, help="target spacing in mm, e.g. 1.5,1.5,2.0")
+    t.add_argument("--lr", type=float, help="Adam learning rate")
+    t.add_argument("--cache-rate", type=float)
+    t.add_argument("--num-workers", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--no-amp", action="store_true", help="train in fp32")
+    t.add_argument("--max-minutes", type=float, help="stop (after validating) once this much training time has passed")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train)
+
+    pr = sub.add_parser("predict", help="segment NIfTI CT volumes onto their own grid")
+    pr.add_argument("--model", required=True, help="best_model.pt, model.onnx or model.engine")
+    pr.add_argument("--input", required=True, help="a .nii/.nii.gz file or a folder of them")
+    pr.add_argument("--output", required=True, help="a file (for a file) or a folder")
+    pr.add_argument("--backend", choices=["auto", "torch", "onnx", "tensorrt"], default="auto")
+    pr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    pr.add_argument("--precision", choices=["fp32", "amp"], default="fp32", help="amp: fp16 on CUDA, bf16 on CPU (torch backend)")
+    pr.add_argument("--no-lcc", action="store_true", help="keep every connected component (default: the largest only)")
+    pr.add_argument("--json", help="write a JSON record of each case here")
+    pr.set_defaults(func=cmd_predict)
+
+    ev = sub.add_parser("evaluate", help="Dice, HD95 (mm) and volumes (mL) of predictions against labels")
+    ev.add_argument("--pred", required=True, help="a mask file or a folder of them")
+    ev.add_argument("--label", required=True, help="a label file or a folder (paired by file name)")
+    ev.add_argument("--json", help="write the results here")
+    ev.set_defaults(func=cmd_evaluate)
+
+    for register in _EXTENSIONS:
+        register(sub)
+    return p
+
+
+#: other modules add their sub-commands here (deployment, service, reproduction)
+_EXTENSIONS: list = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"monai\..*")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SpleenError as e:
+        print(f"spleen-seg: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        hint = " Continue with `spleen-seg train --resume` (same --out)." if getattr(args, "command", "") == "train" else ""
+        print(f"spleen-seg: interrupted; files already written are intact.{hint}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
