@@ -10,6 +10,7 @@ A backend is a callable ``backend(x) -> logits``: ``x`` is a float32 ``torch.Ten
 from __future__ import annotations
 
 import contextlib
+import threading
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -60,7 +61,178 @@ class TorchBackend:
         return y.float().to(src)
 
 
+class OnnxBackend:
+    """ONNX Runtime on a spleen_utils ONNX file (see :mod:`spleen_utils.export`).
+
+    ``device``: ``auto`` takes ONNX Runtime's CUDA execution provider when this onnxruntime
+    build has it (``onnxruntime-gpu``), else the CPU; ``cuda`` insists on it; ``cpu`` never uses
+    it. Threads are ONNX Runtime's defaults (one intra-op thread per physical core). The file is
+    fp32, so ``precision`` is ``fp32``; ``amp`` is accepted and also means fp32 here.
+    Inputs and outputs pass through host memory (numpy), also with the CUDA provider.
+    """
+
+    name = "onnx"
+
+    def __init__(self, model_path: str | Path, device: str = "auto", precision: str = "fp32"):
+        import onnxruntime as ort
+
+        from .export import INPUT_NAME, OUTPUT_NAME, parse_metadata, spatial_multiple
+
+        model_path = Path(model_path)
+        if not model_path.exists():
+            raise SpleenError(f"{model_path}: no such model file.")
+        if precision not in ("fp32", "amp"):
+            raise SpleenError(f"the onnx backend runs the fp32 model as it is; precision {precision!r} is not available (use fp32).")
+        self.precision = "fp32"
+        device = "auto" if device in (None, "") else str(device)
+        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+        if device.startswith("cuda") and not has_cuda:
+            raise SpleenError(
+                "--device cuda was asked for, but this ONNX Runtime has no CUDA execution provider "
+                "(install onnxruntime-gpu); use --device cpu or auto."
+            )
+        if device != "auto" and device != "cpu" and not device.startswith("cuda"):
+            raise SpleenError(f"unknown device {device!r}; use auto, cpu or cuda.")
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if has_cuda and device != "cpu":
+            index = int(device.split(":")[1]) if ":" in device else 0
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
+        so = ort.SessionOptions()
+        so.log_severity_level = 3  # errors only; ORT's warnings are about graph rewrites
+        try:
+            self.session = ort.InferenceSession(str(model_path), sess_options=so, providers=providers)
+        except Exception as e:  # InvalidProtobuf, Fail, NoSuchFile ... from the C++ side
+            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise SpleenError(f"{model_path}: not a readable ONNX model ({type(e).__name__}: {msg}).") from None
+        self.meta = parse_metadata(self.session.get_modelmeta().custom_metadata_map, model_path)
+        self.recipe = Recipe.from_dict(self.meta["recipe"])
+        self.providers = self.session.get_providers()
+        if self.providers[0] == "CUDAExecutionProvider":
+            opts = self.session.get_provider_options().get("CUDAExecutionProvider", {})
+            self.device = torch.device("cuda", int(opts.get("device_id", 0)))
+        else:
+            if device.startswith("cuda"):
+                raise SpleenError("ONNX Runtime could not start its CUDA execution provider (see its log); use --device cpu.")
+            self.device = torch.device("cpu")
+        names_in = [i.name for i in self.session.get_inputs()]
+        names_out = [o.name for o in self.session.get_outputs()]
+        if INPUT_NAME not in names_in or OUTPUT_NAME not in names_out:
+            raise SpleenError(f"{model_path}: expected tensors {INPUT_NAME!r} -> {OUTPUT_NAME!r}, found {names_in} -> {names_out}.")
+        self._input, self._output = INPUT_NAME, OUTPUT_NAME
+        self._multiple = spatial_multiple(self.recipe)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self._multiple)
+        src = x.device
+        a = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        y = self.session.run([self._output], {self._input: a})[0]
+        return torch.from_numpy(y).to(src)
+
+
+def _check_input(x: torch.Tensor, multiple: int) -> None:
+    if x.ndim != 5 or x.shape[1] != 1:
+        raise SpleenError(f"the network takes (N, 1, X, Y, Z) input; got shape {tuple(x.shape)}.")
+    if any(int(s) % multiple for s in x.shape[2:]):
+        raise SpleenError(f"the spatial size {tuple(x.shape[2:])} is not a multiple of {multiple} on every axis.")
+
+
+class TensorRTBackend:
+    """A TensorRT 10 engine on a CUDA GPU; built by :func:`spleen_utils.export.build_trt_engine`.
+
+    The recipe comes from the engine's sidecar ``<engine>.json``. Inputs and outputs are torch CUDA
+    tensors handed to TensorRT by address, and the engine runs on PyTorch's current CUDA stream:
+    no host copies, any shape inside the engine's optimisation profile. ``precision`` is the one
+    the engine was built with (``fp16`` or ``fp32``). One call at a time per backend (a lock).
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, engine_path: str | Path, device: str = "cuda"):
+        from .export import INPUT_NAME, OUTPUT_NAME, read_engine_sidecar, spatial_multiple, tensorrt_available
+
+        engine_path = Path(engine_path)
+        if not engine_path.exists():
+            raise SpleenError(f"{engine_path}: no such model file.")
+        ok, reason = tensorrt_available()
+        if not ok:
+            raise SpleenError(f"{engine_path}: the tensorrt backend cannot run here: {reason}.")
+        self.device = resolve_device("cuda" if device in (None, "auto") else device)
+        if self.device.type != "cuda":
+            raise SpleenError("TensorRT engines run only on a CUDA GPU; use --device cuda or auto.")
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.meta = read_engine_sidecar(engine_path)
+        self.recipe = Recipe.from_dict(self.meta["recipe"])
+        self.precision = str(self.meta.get("engine", {}).get("precision", "fp32"))
+        self._multiple = spatial_multiple(self.recipe)
+        self._input, self._output = INPUT_NAME, OUTPUT_NAME
+
+        import tensorrt as trt
+
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        with torch.cuda.device(self.device):
+            self._runtime = trt.Runtime(self._logger)
+            self.engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
+            if self.engine is None:
+                raise SpleenError(
+                    f"{engine_path}: TensorRT {trt.__version__} cannot load this engine (an engine only runs with the "
+                    "TensorRT version and GPU model it was built with); rebuild it here."
+                )
+            self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        if INPUT_NAME not in names or OUTPUT_NAME not in names:
+            raise SpleenError(f"{engine_path}: expected tensors {INPUT_NAME!r} and {OUTPUT_NAME!r}, found {names}.")
+        dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}
+        if hasattr(trt.DataType, "BF16"):
+            dtypes[trt.DataType.BF16] = torch.bfloat16
+        try:
+            self._in_dtype = dtypes[self.engine.get_tensor_dtype(INPUT_NAME)]
+            self._out_dtype = dtypes[self.engine.get_tensor_dtype(OUTPUT_NAME)]
+        except KeyError as e:
+            raise SpleenError(f"{engine_path}: unsupported engine I/O data type {e}.") from None
+        lo, _, hi = self.engine.get_tensor_profile_shape(INPUT_NAME, 0)
+        self.profile = (tuple(int(v) for v in lo), tuple(int(v) for v in hi))
+        self._lock = threading.Lock()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self._multiple)
+        lo, hi = self.profile
+        shape = tuple(int(s) for s in x.shape)
+        if any(s < a or s > b for s, a, b in zip(shape, lo, hi)):
+            raise SpleenError(f"input shape {shape} is outside the engine's optimisation profile {lo} .. {hi}; rebuild the engine for it.")
+        src = x.device
+        xin = x.detach().to(self.device, self._in_dtype).contiguous()
+        with self._lock, torch.cuda.device(self.device):
+            if not self.context.set_input_shape(self._input, shape):
+                raise SpleenError(f"TensorRT refused the input shape {shape}.")
+            out = torch.empty(tuple(self.context.get_tensor_shape(self._output)), dtype=self._out_dtype, device=self.device)
+            self.context.set_tensor_address(self._input, xin.data_ptr())
+            self.context.set_tensor_address(self._output, out.data_ptr())
+            stream = torch.cuda.current_stream(self.device)
+            if not self.context.execute_async_v3(stream.cuda_stream):
+                raise SpleenError("TensorRT failed to run the engine (see its log).")
+        # later work on the same stream (and the caching allocator) is ordered after the engine
+        return out.float().to(src)
+
+
+def available_backends() -> dict[str, str]:
+    """Each backend's name mapped to ``"available"`` or the reason it is not (never raises)."""
+    from .export import tensorrt_available
+
+    out = {"torch": "available"}
+    try:
+        import onnxruntime  # noqa: F401
+
+        out["onnx"] = "available"
+    except Exception as e:
+        out["onnx"] = f"onnxruntime is not installed here ({type(e).__name__})"
+    ok, reason = tensorrt_available()
+    out["tensorrt"] = "available" if ok else reason
+    return out
+
+
 BACKENDS = ("auto", "torch", "onnx", "tensorrt")
+SUFFIXES = {".pt": "torch", ".pth": "torch", ".onnx": "onnx", ".engine": "tensorrt", ".plan": "tensorrt"}
 
 
 def open_backend(model_path: str | Path, backend: str = "auto", device: str = "auto", precision: str = "fp32") -> Backend:
@@ -69,13 +241,13 @@ def open_backend(model_path: str | Path, backend: str = "auto", device: str = "a
     if not model_path.exists():
         raise SpleenError(f"{model_path}: no such model file.")
     if backend == "auto":
-        backend = {".pt": "torch", ".pth": "torch", ".onnx": "onnx", ".engine": "tensorrt", ".plan": "tensorrt"}.get(
-            model_path.suffix, ""
-        )
+        backend = SUFFIXES.get(model_path.suffix.lower(), "")
         if not backend:
             raise SpleenError(f"{model_path}: cannot tell the backend from the suffix; pass --backend torch|onnx|tensorrt.")
     if backend == "torch":
         return TorchBackend(model_path, device=device, precision=precision)
-    if backend in ("onnx", "tensorrt"):
-        raise SpleenError(f"the {backend} backend is not available yet.")
+    if backend == "onnx":
+        return OnnxBackend(model_path, device=device, precision=precision)
+    if backend == "tensorrt":
+        return TensorRTBackend(model_path, device=device)
     raise SpleenError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}.")

@@ -197,13 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="write the results here")
     ev.set_defaults(func=cmd_evaluate)
 
-    for register in _EXTENSIONS:
-        register(sub)
+    import importlib
+
+    for name in EXTENSION_MODULES:
+        importlib.import_module(name).register(sub)
     return p
 
 
-#: other modules add their sub-commands here (deployment, service, reproduction)
-_EXTENSIONS: list = []
+#: modules whose ``register(subparsers)`` adds their sub-commands (deployment, service, reproduction);
+#: keep their top-level imports light: ``spleen-seg --help`` imports them all
+EXTENSION_MODULES: list[str] = ["spleen_utils.service"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ interrupted run never leaves a half-written file that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import tempfile
@@ -114,12 +115,31 @@ def load_nifti(path: str | Path, what: str = "image", dtype=np.float32) -> Volum
     return Volume(array=data, affine=img.affine.astype(np.float64), header=img.header, path=path)
 
 
-def _atomic_target(path: Path):
+def temp_beside(path: Path, suffix: str = ".tmp") -> Path:
+    """A new empty file next to ``path`` (same file system, so a rename is atomic).
+
+    ``mkstemp`` makes files private (0600); an artifact should read like any other file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if str(path).endswith(".gz") else ".nii"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = ".tmp"):
+    """Yield a temporary path; on success it replaces ``path``, on failure it is removed."""
+    path = Path(path)
+    tmp = temp_beside(path, suffix)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, header: nib.Nifti1Header | None = None) -> Path:
@@ -133,13 +153,8 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, header: 
         img.set_qform(affine, code=int(hdr["qform_code"]) or 1)
         img.set_sform(affine, code=int(hdr["sform_code"]) or 1)
     img.header.set_slope_inter(1.0, 0.0)
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path, ".nii.gz" if str(path).endswith(".gz") else ".nii") as tmp:
         nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

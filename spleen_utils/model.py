@@ -8,9 +8,7 @@ versions), in the spirit of a MONAI bundle's ``metadata.json``. It is written at
 from __future__ import annotations
 
 import hashlib
-import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -48,17 +46,11 @@ def library_versions() -> dict[str, str]:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temporary file beside ``path``, then rename: never a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    from .io import atomic_path
+
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def make_checkpoint(model: torch.nn.Module, recipe: Recipe, **extra: Any) -> dict[str, Any]:

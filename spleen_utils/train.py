@@ -32,6 +32,7 @@ import torch
 from .config import PROJECT_ROOT, Config
 from .data import dataset_checksums, load_datalist, split_datalist
 from .errors import SpleenError
+from .io import atomic_path
 from .model import atomic_torch_save, build_network, cpu_supports_bf16, library_versions, resolve_device, save_checkpoint
 
 WANDB_WARNING = "W&B not configured. Training in local mode only"
@@ -96,6 +97,10 @@ def amp_context(device: torch.device, enabled: bool) -> tuple[Callable[[], Any],
     return contextlib.nullcontext, "fp32"
 
 
+def _plain(x, device) -> torch.Tensor:
+    return (x.as_tensor() if hasattr(x, "as_tensor") else x).to(device, non_blocking=True)
+
+
 def validate(model, loader, cfg: Config, device, autocast) -> float:
     """Mean Dice (spleen channel) over ``loader`` with the recipe's sliding window."""
     from monai.data import decollate_batch
@@ -110,7 +115,7 @@ def validate(model, loader, cfg: Config, device, autocast) -> float:
     model.eval()
     with torch.no_grad(), autocast():
         for batch in loader:
-            image, label = batch["image"].to(device), batch["label"].to(device)
+            image, label = _plain(batch["image"], device), _plain(batch["label"], device)
             out = sliding_window_inference(image, r.sw_roi, r.sw_batch_size, model, overlap=r.overlap)
             preds = [post_pred(o.float()) for o in decollate_batch(out)]
             labels = [post_label(y) for y in decollate_batch(label)]
@@ -135,9 +140,8 @@ def _read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds: float | None = None) -> dict[str, Any]:
@@ -215,7 +219,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
         model.train()
         losses = []
         for batch in train_loader:
-            image, label = batch["image"].to(device), batch["label"].to(device)
+            # plain tensors in the hot loop: MetaTensor bookkeeping on every op costs time
+            image, label = _plain(batch["image"], device), _plain(batch["label"], device)
             optimizer.zero_grad(set_to_none=True)
             with autocast():
                 loss = loss_fn(model(image), label)

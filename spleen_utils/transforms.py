@@ -10,8 +10,10 @@ from __future__ import annotations
 from monai.transforms import (
     Compose,
     CropForegroundd,
+    DeleteItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
+    FgBgToIndicesd,
     LoadImaged,
     Orientationd,
     RandCropByPosNegLabeld,
@@ -51,6 +53,8 @@ def train_transforms(recipe: Recipe) -> Compose:
         list(load_transforms(recipe).transforms)
         + [
             SpatialPadd(keys=keys, spatial_size=recipe.patch_size),
+            # foreground/background voxel lists computed once and cached, not at every crop
+            FgBgToIndicesd(keys="label", image_key="image", image_threshold=0),
             RandCropByPosNegLabeld(
                 keys=keys,
                 label_key="label",
@@ -58,9 +62,10 @@ def train_transforms(recipe: Recipe) -> Compose:
                 pos=recipe.pos,
                 neg=recipe.neg,
                 num_samples=recipe.num_samples,
-                image_key="image",
-                image_threshold=0,
+                fg_indices_key="label_fg_indices",
+                bg_indices_key="label_bg_indices",
             ),
+            DeleteItemsd(keys=["label_fg_indices", "label_bg_indices"]),
         ]
     )
 

@@ -1,6 +1,5 @@
 """Reading NIfTI safely: every bad file gets one clear DataError."""
 
-import gzip
 
 import nibabel as nib
 import numpy as np
