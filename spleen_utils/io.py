@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import math
 import os
 import tempfile
 import zlib
@@ -74,7 +75,7 @@ def check_header(img: nib.spatialimages.SpatialImage, what: str, name: str) -> t
         raise DataError(f"{name}: the {what} is {len(shape)}D (shape {tuple(img.shape)}); a 3D CT volume is needed.")
     if min(shape) < 1:
         raise DataError(f"{name}: the {what} has an empty dimension (shape {shape}).")
-    if int(np.prod(shape, dtype=np.int64)) > MAX_VOXELS:
+    if math.prod(shape) > MAX_VOXELS:  # Python ints: a huge NIfTI-2 header cannot overflow
         raise DataError(f"{name}: the {what} header declares {shape} voxels, more than this program accepts.")
     dtype = img.get_data_dtype()
     if dtype.fields is not None or dtype.kind not in "biuf":
