@@ -105,15 +105,21 @@ class Config:
 
 PROFILES: dict[str, dict[str, Any]] = {
     # CPU, minutes, offline: the synthetic MSD-layout set that spleen_utils.synthetic writes.
-    # A 2-core CPU trains 64^3 crops, two per volume; the full profile keeps MONAI's 96^3 x 4.
+    # A 2-core CPU has minutes, not hours: 3 x 3 x 4 mm voxels (a 64^3 crop then sees 19 cm of
+    # abdomen, enough context to tell the spleen from the liver, whose HU overlaps), two crops per
+    # volume, and Adam at 1e-3 for a few hundred steps. Measured on this set (2 cores, same
+    # settings otherwise): validation Dice 0.19 after 10 epochs at 1e-3 vs 0.08 at the recipe's
+    # 1e-4; at 1.5 x 1.5 x 2 mm with 64^3 crops the Dice stayed below 0.15 after 30 epochs.
     "quick": dict(
         dataset="Synthetic_Spleen",
+        pixdim=(3.0, 3.0, 4.0),
         patch_size=(64, 64, 64),
         num_samples=2,
-        epochs=200,
+        learning_rate=1e-3,
+        epochs=60,
         val_cases=3,
         cache_rate=1.0,
-        val_interval=10,
+        val_interval=5,
         num_workers=0,
         device="auto",
         synthetic_cases=12,

@@ -70,12 +70,9 @@ def split_datalist(items: list[dict], val_cases: int, max_cases: int | None = No
     return items[:-val_cases], items[-val_cases:]
 
 
-def file_md5(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
+def file_md5(path: str | Path) -> str:
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def dataset_checksums(items: list[dict]) -> dict[str, str]:

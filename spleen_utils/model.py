@@ -99,12 +99,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
     return model, recipe, meta
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def resolve_device(device: str = "auto") -> torch.device:

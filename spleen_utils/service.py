@@ -1145,11 +1145,7 @@ def run_bench(model: str | Path | None, file: str | Path, url: str | None = None
 # the command line: `spleen-seg serve` and `spleen-seg serve-bench`
 
 
-def _csv_ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+from .cli import _csv_ints  # noqa: E402  (the CLI module is already loaded when these run)
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
