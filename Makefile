@@ -20,9 +20,12 @@ $(VENV)/.installed: pyproject.toml
 reproduce: env
 	$(BIN)/spleen-seg reproduce --profile $(PROFILE)
 
-## the whole test suite: unit, integration, C++ and notebook (nbval) tests
+## the whole test suite: unit, integration, C++ tests, then the notebooks re-run and compared with
+## their stored outputs (nbval, in the notebooks' own folder; notebook 02 trains the quick profile)
+NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=7200 -p no:cacheprovider
 test: env
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q $(NBVAL) notebooks
 
 test-fast: env
 	$(BIN)/python -m pytest -q -m "not slow"
@@ -30,10 +33,17 @@ test-fast: env
 cpp:
 	bash cpp/build.sh
 
-## JupyterLab in the project's environment, with the "Python (spleen-seg)" kernel
+## JupyterLab in the project's environment, with the "Python (spleen-seg)" kernel (the notebooks'
+## kernelspec; they take the GPU when there is one)
 lab: env
 	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0 -e '.[book,test,serve,lab]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name spleen-seg --display-name "Python (spleen-seg)" >/dev/null
 	cd notebooks && ../$(BIN)/jupyter lab
+
+## copy the notebooks executed by the last `make reproduce` (quick profile, default parameters)
+## back into notebooks/ as their stored outputs, without papermill's injected cell and metadata
+refresh-notebooks: env
+	$(BIN)/spleen-seg reproduce --refresh-only
 
 clean:
 	rm -rf _build outputs/runs outputs/notebooks

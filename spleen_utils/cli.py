@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: modules whose ``register(subparsers)`` adds their sub-commands (deployment, service, reproduction);
 #: keep their top-level imports light: ``spleen-seg --help`` imports them all
-EXTENSION_MODULES: list[str] = ["spleen_utils.service"]
+EXTENSION_MODULES: list[str] = ["spleen_utils.service", "spleen_utils.reproduce", "spleen_utils.deploy_cli"]
 
 
 def main(argv: list[str] | None = None) -> int:
