@@ -1,0 +1,842 @@
+"""Latency, throughput, memory and end-to-end time, measured side by side in one run.
+
+``spleen-seg bench`` (and notebook 08) call :func:`run_benchmark`, which records:
+
+(a) **per patch**: one 96^3 patch at batch sizes 1, 2, 4 for each backend and precision (torch
+    fp32, torch bf16 autocast on a CPU with native bf16, ONNX Runtime fp32; on CUDA torch fp32 and
+    fp16 autocast, ONNX Runtime's CUDA provider and a TensorRT engine when present), after
+    warm-up calls, as median and 10th / 90th percentiles of ``repeats`` timed calls;
+(b) **end to end** on whole full-resolution CT files (load -> preprocess -> network -> back to
+    the input grid -> write): the **baseline**, a faithful copy of the MONAI spleen tutorial's
+    inference (:func:`baseline_predict`), against this library's default path
+    (:class:`spleen_utils.infer.Predictor`), alternating the two so that both see the same
+    machine load; the speed ratio of the medians and the Dice agreement of the two masks;
+(c) **peak memory** of each measurement (RSS sampled every few ms; on CUDA
+    ``torch.cuda.max_memory_allocated``);
+(d) **FLOPs** of one 96^3 patch (``torch.utils.flop_counter.FlopCounterMode``) and the achieved
+    FLOP/s, against the device's peak where a vendor figure is known ("unknown" otherwise) and
+    against a large matrix product measured on the same machine;
+(e) the hardware, library versions and the date.
+
+The record is one JSON document (:data:`BENCH_FORMAT`); :func:`plot_benchmark` draws it.
+Timings belong in these records, never in assertions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import platform
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .config import PROJECT_ROOT, Recipe
+from .errors import SpleenError
+
+BENCH_FORMAT = "spleen_utils.bench/1"
+#: the patch timed in (a): the MONAI spleen recipe's training patch, as the MONAI bundle reports it
+DEFAULT_PATCH = (96, 96, 96)
+DEFAULT_MODEL = PROJECT_ROOT / "outputs" / "runs" / "quick" / "best_model.pt"
+#: the real CT fixtures timed end to end, when present (see tests/conftest.py)
+REAL_CASES = ("msd_spleen_8_image.nii.gz", "totalseg_ct_3mm.nii.gz")
+#: vendor peak throughput (dense, TFLOP/s) by GPU name fragment: (fp32, fp16/bf16 tensor cores)
+GPU_PEAK_TFLOPS = {
+    "H200": (67.0, 989.0),
+    "H100 SXM": (67.0, 989.0),
+    "H100 PCIe": (51.0, 756.0),
+    "H100": (67.0, 989.0),
+    "A100": (19.5, 312.0),
+    "L40S": (91.6, 362.0),
+    "A10": (31.2, 125.0),
+    "RTX 3090": (35.6, 71.0),
+    "RTX 4090": (82.6, 165.0),
+    "T4": (8.1, 65.0),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# where and when
+
+
+def real_data_dir() -> Path | None:
+    """The real CT fixtures' folder (``$SPLEEN_REAL_DATA`` or ``../shared/data/real``), if present."""
+    env = os.environ.get("SPLEEN_REAL_DATA")
+    for c in ([Path(env)] if env else []) + [PROJECT_ROOT.parent / "shared" / "data" / "real"]:
+        if (c / REAL_CASES[0]).exists() or (c / REAL_CASES[1]).exists():
+            return c
+    return None
+
+
+def hardware_info(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """CPU model, cores, threads, native bf16, GPU name (if any), OS."""
+    import psutil
+
+    from .model import cpu_supports_bf16
+
+    device = torch.device(device)
+    cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and cpu in ("", platform.machine(), platform.processor()):
+                    cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cpu_cores": psutil.cpu_count(logical=False),
+        "cpu_threads": psutil.cpu_count(logical=True),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_bf16_native": cpu_supports_bf16(),
+        "cpu_isa": sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni")),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        # other processes compete for the same cores: timings are only comparable side by side
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "device": str(device),
+        "gpu": None,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(device if device.type == "cuda" else 0)
+        info["cuda"] = torch.version.cuda
+        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return info
+
+
+def versions() -> dict[str, str]:
+    from .export import export_versions
+
+    return export_versions()
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------------------------
+# measuring
+
+
+class PeakMemory:
+    """Peak memory while the ``with`` block runs: RSS sampled by a thread, and CUDA's own peak.
+
+    After the block: ``peak_rss_mb`` (highest RSS seen), ``rss_increase_mb`` (over the RSS at
+    the start) and, on CUDA, ``peak_gpu_mb`` (``torch.cuda.max_memory_allocated``).
+    """
+
+    def __init__(self, cuda: bool = False, interval: float = 0.005):
+        self.cuda = cuda and torch.cuda.is_available()
+        self.interval = interval
+        self.peak_rss_mb = self.rss_increase_mb = 0.0
+        self.peak_gpu_mb: float | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        import psutil
+
+        self._proc = psutil.Process()
+        self._start = self._peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._proc.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._proc.memory_info().rss)
+        self.peak_rss_mb = self._peak / 2**20
+        self.rss_increase_mb = (self._peak - self._start) / 2**20
+
+    def record(self) -> dict[str, float | None]:
+        out: dict[str, float | None] = {"peak_rss_mb": round(self.peak_rss_mb, 1), "rss_increase_mb": round(self.rss_increase_mb, 1)}
+        if self.peak_gpu_mb is not None:
+            out["peak_gpu_mb"] = round(self.peak_gpu_mb, 1)
+        return out
+
+
+def summarize_times(seconds: Sequence[float]) -> dict[str, float]:
+    """Median, 10th and 90th percentiles, min, max and count of a list of durations (seconds)."""
+    a = np.asarray(seconds, dtype=np.float64)
+    return {
+        "median_s": float(np.median(a)),
+        "p10_s": float(np.percentile(a, 10)),
+        "p90_s": float(np.percentile(a, 90)),
+        "min_s": float(a.min()),
+        "max_s": float(a.max()),
+        "n": int(a.size),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> list[float]:
+    """Durations of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (GPU-synchronised)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def count_flops(model: torch.nn.Module, shape: Sequence[int]) -> int:
+    """FLOPs of one forward pass at input ``shape`` (``FlopCounterMode``: a multiply-add is 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    p = next(model.parameters())
+    x = torch.zeros(tuple(shape), device=p.device, dtype=p.dtype)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    return int(counter.get_total_flops())
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float | None:
+    """GFLOP/s of an ``n x n`` matrix product on ``device``: a measured practical peak."""
+    try:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        times = time_calls(lambda: torch.mm(a, b), repeats, 1, device)
+        return 2.0 * n**3 / float(np.median(times)) / 1e9
+    except Exception:  # a dtype this device cannot multiply: no figure
+        return None
+
+
+def vendor_peak_gflops(device: torch.device, precision: str) -> tuple[float | None, str]:
+    """``(GFLOP/s, source)``: the vendor's dense peak for a known GPU; ``(None, "unknown")`` else."""
+    if device.type != "cuda":
+        return None, "unknown (no vendor figure for this CPU; see matmul_gflops for a measured reference)"
+    name = torch.cuda.get_device_name(device)
+    for key, (fp32, half) in GPU_PEAK_TFLOPS.items():
+        if key in name:
+            tf = fp32 if precision == "fp32" else half
+            return tf * 1e3, f"vendor datasheet, {key} {'fp32' if precision == 'fp32' else 'fp16/bf16 tensor core'} dense"
+    return None, f"unknown (no datasheet figure for {name})"
+
+
+# ----------------------------------------------------------------------------------------------
+# the baseline: the MONAI spleen tutorial's inference, as the tutorial writes it
+
+
+def baseline_transforms(recipe: Recipe):
+    """The tutorial's ``val_org_transforms`` (image only): load, window, crop, orient, resample."""
+    from monai.transforms import (
+        Compose,
+        CropForegroundd,
+        EnsureChannelFirstd,
+        LoadImaged,
+        Orientationd,
+        ScaleIntensityRanged,
+        Spacingd,
+    )
+
+    a_min, a_max = recipe.hu_window
+    return Compose(
+        [
+            LoadImaged(keys="image"),
+            EnsureChannelFirstd(keys="image"),
+            ScaleIntensityRanged(keys="image", a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True),
+            CropForegroundd(keys="image", source_key="image"),
+            Orientationd(keys="image", axcodes=recipe.orientation),
+            Spacingd(keys="image", pixdim=recipe.pixdim, mode="bilinear"),
+        ]
+    )
+
+
+def baseline_predict(
+    model: torch.nn.Module,
+    image_path: str | Path,
+    out_dir: str | Path,
+    recipe: Recipe | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[np.ndarray, dict[str, float]]:
+    """The MONAI spleen tutorial's inference on one file, faithfully; the reference of the benchmark.
+
+    ``LoadImaged -> EnsureChannelFirstd -> ScaleIntensityRanged -> CropForegroundd ->
+    Orientationd -> Spacingd``, then fp32 ``sliding_window_inference`` (ROI 160^3, overlap 0.25,
+    4 windows per batch: the recipe's ``sw_roi``, ``overlap``, ``sw_batch_size``), then
+    ``Invertd`` on the two-channel output (``nearest_interp=False``), ``AsDiscreted(argmax)`` and
+    ``SaveImaged`` (the tutorial's float32 output, ``<out_dir>/<case>/<case>_seg.nii.gz``).
+    ``model`` is an fp32 network in eval mode on ``device``.
+
+    Returns the uint8 mask on the input's grid and the stage times (``load_preprocess_s``,
+    ``inference_s``, ``invert_s``, ``write_s``, ``total_s``).
+    """
+    from monai.inferers import sliding_window_inference
+    from monai.transforms import AsDiscreted, Compose, Invertd, SaveImaged
+
+    recipe = recipe or Recipe()
+    device = torch.device(device)
+    pre = baseline_transforms(recipe)
+    post_invert = Compose(
+        [
+            Invertd(
+                keys="pred",
+                transform=pre,
+                orig_keys="image",
+                meta_keys="pred_meta_dict",
+                orig_meta_keys="image_meta_dict",
+                meta_key_postfix="meta_dict",
+                nearest_interp=False,
+                to_tensor=True,
+            ),
+            AsDiscreted(keys="pred", argmax=True),
+        ]
+    )
+    save = SaveImaged(keys="pred", meta_keys="pred_meta_dict", output_dir=str(out_dir), output_postfix="seg", resample=False, print_log=False)
+    t: dict[str, float] = {}
+    t0 = time0 = time.perf_counter()
+    data = pre({"image": str(image_path)})
+    t["load_preprocess_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        inputs = data["image"][None].to(device)
+        data["pred"] = sliding_window_inference(inputs, tuple(recipe.sw_roi), recipe.sw_batch_size, model, overlap=recipe.overlap)[0]
+    _sync(device)
+    t["inference_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    data["pred"] = data["pred"].cpu()
+    data = post_invert(data)
+    t["invert_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    save(data)
+    t["write_s"] = time.perf_counter() - t0
+    t["total_s"] = time.perf_counter() - time0
+    pred = data["pred"]
+    mask = np.asarray((pred.as_tensor() if hasattr(pred, "as_tensor") else pred)[0].cpu().numpy(), dtype=np.uint8)
+    return mask, t
+
+
+# ----------------------------------------------------------------------------------------------
+# (a) per patch
+
+
+def _patch_runners(model_path: Path, onnx_path: Path | None, engine_path: Path | None, device: torch.device) -> tuple[list[dict], list[dict]]:
+    """``([{backend, precision, device, fn}], [{backend, precision, reason}])``."""
+    from .backends import OnnxBackend, TensorRTBackend, TorchBackend
+    from .model import cpu_supports_bf16
+
+    runners: list[dict] = []
+    missing: list[dict] = []
+
+    def add(backend: str, precision: str, make: Callable[[], Any]) -> None:
+        try:
+            b = make()
+        except SpleenError as e:
+            missing.append({"backend": backend, "precision": precision, "reason": str(e)})
+            return
+        from .infer import optimize_torch_backend  # as the Predictor runs it
+
+        done = optimize_torch_backend(b)
+        runners.append({"backend": backend, "precision": b.precision, "device": str(b.device), "optimizations": done, "fn": b})
+
+    add("torch", "fp32", lambda: TorchBackend(model_path, device=str(device), precision="fp32"))
+    if device.type == "cuda":
+        add("torch", "fp16", lambda: TorchBackend(model_path, device=str(device), precision="fp16"))
+    elif cpu_supports_bf16():
+        add("torch", "bf16", lambda: TorchBackend(model_path, device="cpu", precision="bf16"))
+    else:
+        missing.append({"backend": "torch", "precision": "bf16", "reason": "this CPU has no native bf16 (AVX512-BF16 or AMX); emulated bf16 is slower than fp32"})
+    if onnx_path is None:
+        missing.append({"backend": "onnx", "precision": "fp32", "reason": "no ONNX file (pass --onnx, or let the benchmark export one)"})
+    else:
+        add("onnx", "fp32", lambda: OnnxBackend(onnx_path, device="cpu", precision="fp32"))
+        if device.type == "cuda":  # ONNX Runtime's CUDA provider, when this onnxruntime build has it
+            add("onnx", "fp32", lambda: OnnxBackend(onnx_path, device="cuda", precision="fp32"))
+    if engine_path is None:
+        from .export import tensorrt_available
+
+        ok, reason = tensorrt_available()
+        missing.append({"backend": "tensorrt", "precision": "fp16", "reason": "no engine given (pass --engine)" if ok else reason})
+    else:
+        add("tensorrt", "engine", lambda: TensorRTBackend(engine_path, device=str(device)))
+    return runners, missing
+
+
+def bench_patches(
+    model_path: str | Path,
+    onnx_path: str | Path | None = None,
+    engine_path: str | Path | None = None,
+    device: str = "auto",
+    batch_sizes: Sequence[int] = (1, 2, 4),
+    repeats: int = 5,
+    warmup: int = 2,
+    patch: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Latency of one patch (default 96^3, :data:`DEFAULT_PATCH`) per backend, precision and batch size."""
+    from .model import load_model, resolve_device
+
+    dev = resolve_device(device)
+    model, recipe, _ = load_model(model_path, "cpu")
+    patch = tuple(int(v) for v in (patch or DEFAULT_PATCH))
+    flops = count_flops(model, (1, 1, *patch))
+    del model
+    runners, missing = _patch_runners(Path(model_path), Path(onnx_path) if onnx_path else None, Path(engine_path) if engine_path else None, dev)
+    reference = {
+        "fp32": matmul_gflops(dev, torch.float32),
+        ("fp16" if dev.type == "cuda" else "bf16"): matmul_gflops(dev, torch.float16 if dev.type == "cuda" else torch.bfloat16),
+    }
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for r in runners:
+        for bs in batch_sizes:
+            x = torch.rand((bs, 1, *patch), generator=g)
+            run_dev = torch.device(r["device"])
+            x = x.to(run_dev)
+            fn = r["fn"]
+            try:
+                with PeakMemory(cuda=run_dev.type == "cuda") as mem:
+                    times = time_calls(lambda: fn(x), repeats, warmup, run_dev)
+            except (RuntimeError, SpleenError) as e:  # out of memory, a shape outside an engine's profile
+                missing.append({"backend": r["backend"], "precision": r["precision"], "batch": bs, "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+                continue
+            s = summarize_times(times)
+            achieved = flops * bs / s["median_s"] / 1e9
+            peak, source = vendor_peak_gflops(run_dev, "fp32" if r["precision"] == "fp32" else "half")
+            ref = reference.get("fp32" if r["precision"] == "fp32" else ("fp16" if run_dev.type == "cuda" else "bf16"))
+            rows.append(
+                {
+                    "backend": r["backend"],
+                    "precision": r["precision"],
+                    "device": r["device"],
+                    "optimizations": r["optimizations"],
+                    "batch": bs,
+                    "median_ms": 1e3 * s["median_s"],
+                    "p10_ms": 1e3 * s["p10_s"],
+                    "p90_ms": 1e3 * s["p90_s"],
+                    "ms_per_patch": 1e3 * s["median_s"] / bs,
+                    "patches_per_s": bs / s["median_s"],
+                    "achieved_gflops": achieved,
+                    "peak_gflops": peak,
+                    "peak_source": source,
+                    "fraction_of_peak": (achieved / peak) if peak else "unknown",
+                    "fraction_of_matmul": (achieved / ref) if ref else None,
+                    "repeats": repeats,
+                    "warmup": warmup,
+                    **mem.record(),
+                }
+            )
+    return {
+        "patch": list(patch),
+        "flops_per_patch": flops,
+        "gflops_per_patch": flops / 1e9,
+        "batch_sizes": list(batch_sizes),
+        "matmul_gflops": {k: v for k, v in reference.items()},
+        "rows": rows,
+        "unavailable": missing,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# (b) end to end
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    from .metrics import dice
+
+    return dice(a, b)
+
+
+def _lcc(mask: np.ndarray) -> np.ndarray:
+    from monai.transforms import KeepLargestConnectedComponent
+
+    out = KeepLargestConnectedComponent(applied_labels=[1], connectivity=3)(torch.from_numpy(mask)[None])[0]
+    return np.asarray(out.numpy() if hasattr(out, "numpy") else out, dtype=np.uint8)
+
+
+def bench_end_to_end(
+    model_path: str | Path,
+    images: Sequence[str | Path],
+    device: str = "auto",
+    repeats: int = 3,
+    warmup: int = 1,
+    predictor=None,
+    baseline_model: torch.nn.Module | None = None,
+    out_dir: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+    window: str = "auto",
+    precision: str = "auto",
+) -> dict[str, Any]:
+    """Whole files, the tutorial's pipeline (:func:`baseline_predict`) against the default path.
+
+    For each image, ``warmup`` untimed runs of each pipeline, then ``repeats`` timed runs that
+    alternate baseline and default (so both see the same machine load). ``predictor`` and
+    ``baseline_model`` default to ``Predictor.from_path(model_path)`` (the default path: torch,
+    precision ``auto``; another ``window`` or ``precision`` measures that choice instead) and
+    the checkpoint's fp32 network.
+    """
+    from .infer import Predictor
+    from .io import load_nifti
+    from .model import load_model, resolve_device
+
+    dev = resolve_device(device)
+    if baseline_model is None:
+        baseline_model, recipe, _ = load_model(model_path, dev)
+    if predictor is None:
+        predictor = Predictor.from_path(model_path, backend="torch", device=str(dev), precision=precision, window=window)
+    recipe = predictor.recipe
+    say = progress or (lambda s: None)
+    cases = []
+    with contextlib.ExitStack() as stack:
+        if out_dir is None:
+            out_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="spleen-bench-"))
+        out_dir = Path(out_dir)
+        for image in images:
+            image = Path(image)
+            if not image.exists():
+                raise SpleenError(f"{image}: no such image to benchmark.")
+            vol = load_nifti(image)
+            name = image.name.split(".")[0]
+            base_dir, ours = out_dir / "baseline", out_dir / f"{name}_default.nii.gz"
+
+            def run_baseline():
+                return baseline_predict(baseline_model, image, base_dir, recipe, dev)
+
+            def run_default():
+                rec = predictor.predict_file(image, ours)
+                return rec["timings"]
+
+            for _ in range(warmup):
+                run_baseline()
+                run_default()
+            base_times, our_times, base_stages, our_stages = [], [], [], []
+            base_mem, our_mem = [], []
+            for i in range(repeats):
+                say(f"{image.name}: repeat {i + 1}/{repeats}, baseline")
+                with PeakMemory(cuda=dev.type == "cuda") as m:
+                    base_mask, st = run_baseline()
+                base_times.append(st["total_s"])
+                base_stages.append(st)
+                base_mem.append(m.record())
+                say(f"{image.name}: repeat {i + 1}/{repeats}, default path")
+                with PeakMemory(cuda=dev.type == "cuda") as m:
+                    st = run_default()
+                our_times.append(st["total_s"])
+                our_stages.append(st)
+                our_mem.append(m.record())
+            if repeats == 0:
+                base_mask, _ = run_baseline()
+            our_mask = load_nifti(ours, what="mask", dtype=None).array.astype(np.uint8)
+            bs, os_ = summarize_times(base_times or [float("nan")]), summarize_times(our_times or [float("nan")])
+            prep = None
+            try:
+                from .infer import prepare
+
+                p = prepare(vol, recipe)
+                prep = list(p.image.shape) if p is not None and not isinstance(p, str) else None
+            except Exception:  # geometry is informative only
+                pass
+            cases.append(
+                {
+                    "name": name,
+                    "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+                    "file": image.name,
+                    "shape": list(vol.shape),
+                    "spacing_mm": [round(s, 4) for s in vol.spacing],
+                    "orientation": vol.axcodes,
+                    "preprocessed_shape": prep,
+                    "window_plan": predictor.window_plan(tuple(prep)) if prep else None,
+                    "baseline": {**bs, "stages_median_s": _median_stages(base_stages), "memory": _max_memory(base_mem), "spleen_voxels": int(base_mask.sum())},
+                    "default": {**os_, "stages_median_s": _median_stages(our_stages), "memory": _max_memory(our_mem), "spleen_voxels": int(our_mask.sum())},
+                    "speedup": bs["median_s"] / os_["median_s"] if os_["median_s"] > 0 else None,
+                    "dice_agreement": _dice(base_mask, our_mask),
+                    # the baseline has no connected-component filter; with it, what remains is numerics and windows
+                    "dice_agreement_baseline_lcc": _dice(_lcc(base_mask), our_mask) if predictor.lcc else None,
+                }
+            )
+    ratios = [c["speedup"] for c in cases if c["speedup"]]
+    return {
+        "baseline": {
+            "what": "MONAI spleen tutorial inference: LoadImaged, EnsureChannelFirstd, ScaleIntensityRanged, CropForegroundd, "
+            "Orientationd, Spacingd; fp32 sliding_window_inference; Invertd (2 channels, bilinear); AsDiscreted(argmax); SaveImaged",
+            "roi": list(recipe.sw_roi),
+            "overlap": recipe.overlap,
+            "sw_batch_size": recipe.sw_batch_size,
+            "precision": "fp32",
+            "device": str(dev),
+        },
+        "default": {
+            "what": "spleen_utils.infer.Predictor defaults (see its module docstring)",
+            "backend": predictor.description,
+            "window": predictor.window,
+            "max_window_voxels": predictor.max_window_voxels,
+            "preprocess": predictor.preprocess,
+            "lcc": predictor.lcc,
+        },
+        "repeats": repeats,
+        "warmup": warmup,
+        "cases": cases,
+        "speedup_min": min(ratios) if ratios else None,
+        "speedup_geomean": float(np.exp(np.mean(np.log(ratios)))) if ratios else None,
+        "dice_agreement_min": min(c["dice_agreement"] for c in cases) if cases else None,
+    }
+
+
+def _median_stages(stages: list[dict[str, float]]) -> dict[str, float]:
+    if not stages:
+        return {}
+    return {k: float(np.median([s[k] for s in stages])) for k in stages[0]}
+
+
+def _max_memory(records: list[dict]) -> dict[str, float]:
+    if not records:
+        return {}
+    return {k: max(r[k] for r in records if r.get(k) is not None) for k in records[0] if any(r.get(k) is not None for r in records)}
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole benchmark
+
+
+def run_benchmark(
+    model_path: str | Path | None = None,
+    onnx_path: str | Path | None = None,
+    engine_path: str | Path | None = None,
+    images: Sequence[str | Path] | None = None,
+    device: str = "auto",
+    repeats: int = 3,
+    warmup: int = 1,
+    patch_repeats: int | None = None,
+    batch_sizes: Sequence[int] = (1, 2, 4),
+    patches: bool = True,
+    end_to_end: bool = True,
+    window: str = "auto",
+    precision: str = "auto",
+    export_onnx_if_missing: bool = True,
+    threads: int | None = None,
+    patch: Sequence[int] | None = None,
+    json_out: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """(a) to (e) of the module docstring in one run; returns (and with ``json_out`` writes) the record.
+
+    ``threads``: PyTorch's intra-op threads for the whole run, both pipelines alike (default:
+    PyTorch's, one per core). On a machine whose cores other processes also use, fewer threads
+    than cores can be faster for both: the record says which was used.
+
+    ``images`` default to the real CT fixtures (:data:`REAL_CASES`) when they are here; without
+    images the end-to-end part is skipped with its reason. Without ``onnx_path`` the checkpoint
+    is exported to a temporary ONNX file (validated) so that ONNX Runtime has its row.
+    """
+    from .model import file_sha256, read_checkpoint, resolve_device
+
+    if threads is not None and int(threads) < 1:
+        raise SpleenError(f"threads must be a positive integer, not {threads}.")
+    before = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        return _run_benchmark(
+            model_path, onnx_path, engine_path, images, device, repeats, warmup, patch_repeats, batch_sizes,
+            patches, end_to_end, window, precision, export_onnx_if_missing, patch, json_out, progress,
+        )
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_benchmark(
+    model_path, onnx_path, engine_path, images, device, repeats, warmup, patch_repeats, batch_sizes,
+    patches, end_to_end, window, precision, export_onnx_if_missing, patch, json_out, progress,
+) -> dict[str, Any]:
+    from .model import file_sha256, read_checkpoint, resolve_device
+
+    say = progress or (lambda s: None)
+    model_path = Path(model_path or DEFAULT_MODEL)
+    if not model_path.exists():
+        raise SpleenError(f"{model_path}: no such model file; train one (`spleen-seg train`) or pass --model.")
+    ckpt = read_checkpoint(model_path)
+    dev = resolve_device(device)
+    record: dict[str, Any] = {
+        "format": BENCH_FORMAT,
+        "date": utc_now(),
+        "hardware": hardware_info(dev),
+        "versions": versions(),
+        "model": {
+            "path": str(model_path),
+            "sha256": file_sha256(model_path),
+            "epoch": ckpt.get("epoch"),
+            "val_dice": ckpt.get("best_metric", ckpt.get("val_dice")),
+        },
+        "settings": {"device": str(dev), "torch_threads": torch.get_num_threads(), "repeats": repeats, "warmup": warmup, "patch_repeats": patch_repeats or max(repeats, 5), "batch_sizes": list(batch_sizes)},
+    }
+    del ckpt
+    with tempfile.TemporaryDirectory(prefix="spleen-bench-") as tmp:
+        if patches:
+            onnx_note = None
+            if onnx_path is None and export_onnx_if_missing:
+                from .export import export_onnx
+
+                say("exporting the checkpoint to ONNX for the ONNX Runtime rows")
+                onnx_path = Path(tmp) / "model.onnx"
+                rep = export_onnx(model_path, onnx_path)
+                onnx_note = f"exported for this run (max |ORT - torch| {max(rep['max_abs_diff'].values()):.2g})"
+            say("timing one patch per backend and batch size")
+            record["patch"] = bench_patches(
+                model_path, onnx_path, engine_path, str(dev), batch_sizes, patch_repeats or max(repeats, 5), patch=patch
+            )
+            record["patch"]["onnx_file"] = onnx_note or (str(onnx_path) if onnx_path else None)
+        if end_to_end:
+            if images is None:
+                real = real_data_dir()
+                images = [real / c for c in REAL_CASES if (real / c).exists()] if real else []
+            if images:
+                say("end to end: the tutorial's pipeline against the default path")
+                record["end_to_end"] = bench_end_to_end(model_path, images, str(dev), repeats=repeats, warmup=warmup, progress=progress, window=window, precision=precision)
+            else:
+                record["end_to_end"] = {"skipped": "no images: the real CT fixtures were not found (set SPLEEN_REAL_DATA) and none were given"}
+    record["load_average_1min_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    if json_out is not None:
+        write_json(record, json_out)
+    return record
+
+
+def write_json(record: dict[str, Any], path: str | Path) -> Path:
+    from .io import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(o: Any):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------
+# reading it
+
+
+def format_report(record: dict[str, Any]) -> str:
+    """The record as the text ``spleen-seg bench`` prints."""
+    hw = record.get("hardware", {})
+    lines = [
+        f"spleen-seg bench, {record.get('date')}",
+        f"hardware: {hw.get('cpu')} ({hw.get('cpu_cores')} cores, {hw.get('cpu_threads')} threads, torch threads {hw.get('torch_threads')}, "
+        f"native bf16: {'yes' if hw.get('cpu_bf16_native') else 'no'})" + (f"; GPU {hw['gpu']}" if hw.get("gpu") else "; no GPU"),
+    ]
+    if hw.get("load_average_1min") is not None:
+        lines.append(
+            f"load average (1 min): {hw['load_average_1min']} at the start, {record.get('load_average_1min_end')} at the end "
+            f"(other processes share these {hw.get('cpu_threads')} CPUs: compare numbers side by side only)"
+        )
+    p = record.get("patch")
+    if p:
+        lines.append("")
+        lines.append(f"(a) one {'x'.join(map(str, p['patch']))} patch: {p['gflops_per_patch']:.1f} GFLOP per patch (FlopCounterMode)")
+        mm = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in p["matmul_gflops"].items() if v)
+        lines.append(f"    reference: a 2048^2 matrix product here runs at {mm}")
+        lines.append(f"    {'backend':<9}{'precision':<10}{'device':<8}{'batch':>5}{'median ms':>11}{'p10':>9}{'p90':>9}{'ms/patch':>10}{'GFLOP/s':>9}{'peak RSS MB':>12}")
+        for r in p["rows"]:
+            mem = r.get("peak_gpu_mb", r.get("peak_rss_mb"))
+            lines.append(
+                f"    {r['backend']:<9}{r['precision']:<10}{r['device']:<8}{r['batch']:>5}{r['median_ms']:>11.1f}{r['p10_ms']:>9.1f}"
+                f"{r['p90_ms']:>9.1f}{r['ms_per_patch']:>10.1f}{r['achieved_gflops']:>9.1f}{mem:>12.0f}"
+            )
+        if p["rows"]:
+            r0 = p["rows"][0]
+            frac = r0["fraction_of_peak"]
+            lines.append(f"    fraction of the device's peak: {frac if isinstance(frac, str) else f'{frac:.1%}'}")
+        for m in p["unavailable"]:
+            lines.append(f"    not run: {m['backend']} {m['precision']}{' batch ' + str(m['batch']) if 'batch' in m else ''}: {m['reason']}")
+    e = record.get("end_to_end")
+    if e:
+        lines.append("")
+        if "skipped" in e:
+            lines.append(f"(b) end to end: skipped, {e['skipped']}")
+        else:
+            lines.append(f"(b) end to end, load -> write, median of {e['repeats']} alternating runs after {e['warmup']} warm-up")
+            lines.append(f"    baseline: {e['baseline']['what']} (ROI {e['baseline']['roi']}, overlap {e['baseline']['overlap']}, {e['baseline']['precision']})")
+            lines.append(f"    default:  {e['default']['backend']}, window {e['default']['window']}, preprocess {e['default']['preprocess']}, lcc {e['default']['lcc']}")
+            lines.append(f"    {'case':<22}{'shape':<16}{'baseline s':>11}{'default s':>11}{'speedup':>9}{'Dice':>8}{'Dice+LCC':>10}{'RSS MB b/d':>14}")
+            for c in e["cases"]:
+                b, d = c["baseline"], c["default"]
+                rss = f"{b['memory'].get('peak_rss_mb', 0):.0f}/{d['memory'].get('peak_rss_mb', 0):.0f}"
+                dl = c.get("dice_agreement_baseline_lcc")
+                lines.append(
+                    f"    {c['name']:<22}{'x'.join(map(str, c['shape'])):<16}{b['median_s']:>11.2f}{d['median_s']:>11.2f}"
+                    f"{c['speedup']:>8.2f}x{c['dice_agreement']:>8.4f}{(f'{dl:.4f}' if dl is not None else '-'):>10}{rss:>14}"
+                )
+            lines.append(f"    speedup: min {e['speedup_min']:.2f}x, geometric mean {e['speedup_geomean']:.2f}x; Dice agreement min {e['dice_agreement_min']:.4f}")
+    return "\n".join(lines)
+
+
+def plot_benchmark(record: dict[str, Any]):
+    """A matplotlib figure: per-patch latency by backend and batch, and end-to-end times."""
+    import matplotlib.pyplot as plt
+
+    has_e2e = bool(record.get("end_to_end", {}).get("cases"))
+    fig, axes = plt.subplots(1, 2 if has_e2e else 1, figsize=(12 if has_e2e else 6.5, 4.2), squeeze=False)
+    ax = axes[0, 0]
+    rows = record.get("patch", {}).get("rows", [])
+    labels = list(dict.fromkeys((r["backend"], r["precision"], r["device"]) for r in rows))  # first-seen order
+    batches = sorted({r["batch"] for r in rows})
+    width = 0.8 / max(1, len(labels))
+    for i, key in enumerate(labels):
+        sel = {r["batch"]: r for r in rows if (r["backend"], r["precision"], r["device"]) == key}
+        xs = [j + i * width for j, b in enumerate(batches) if b in sel]
+        ys = [sel[b]["ms_per_patch"] for b in batches if b in sel]
+        lo = [sel[b]["ms_per_patch"] - sel[b]["p10_ms"] / b for b in batches if b in sel]
+        hi = [sel[b]["p90_ms"] / b - sel[b]["ms_per_patch"] for b in batches if b in sel]
+        ax.bar(xs, ys, width, yerr=[np.maximum(lo, 0), np.maximum(hi, 0)], capsize=2, label=f"{key[0]} {key[1]} ({key[2]})")
+    ax.set_xticks([j + width * (len(labels) - 1) / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
+    patch = record.get("patch", {}).get("patch", [96, 96, 96])
+    ax.set_ylabel("ms per patch (median, p10-p90)")
+    ax.set_title(f"one {'x'.join(map(str, patch))} patch")
+    ax.legend(fontsize=8)
+    if has_e2e:
+        ax = axes[0, 1]
+        cases = record["end_to_end"]["cases"]
+        xs = np.arange(len(cases))
+        b = [c["baseline"]["median_s"] for c in cases]
+        d = [c["default"]["median_s"] for c in cases]
+        ax.bar(xs - 0.2, b, 0.4, label="MONAI tutorial pipeline (fp32, 160^3 sliding window)")
+        ax.bar(xs + 0.2, d, 0.4, label=f"spleen_utils default ({record['end_to_end']['default']['backend']})")
+        for x, c, top in zip(xs, cases, b):
+            ax.text(x, top, f"{c['speedup']:.1f}x faster\nDice {c['dice_agreement']:.3f}", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(xs, [f"{c['name']}\n{'x'.join(map(str, c['shape']))}" for c in cases], fontsize=8)
+        ax.set_ylabel("seconds, file to file (median)")
+        ax.set_title("end to end, whole CT")
+        ax.set_ylim(0, max(b) * 1.3)
+        ax.legend(fontsize=8, loc="upper right")
+    hw = record.get("hardware", {})
+    where = hw.get("gpu") or f"{hw.get('cpu')}, {hw.get('cpu_cores')} cores"
+    fig.suptitle(f"spleen UNet inference on {where} ({record.get('date', '')[:10]})", fontsize=10)
+    fig.tight_layout()
+    return fig

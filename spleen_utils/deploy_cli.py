@@ -1,0 +1,205 @@
+"""Deployment sub-commands of ``spleen-seg``: export-onnx, build-trt, compare-backends, bench.
+
+Registered by :mod:`spleen_utils.cli` (``EXTENSION_MODULES``). Like the rest of the command line,
+they are thin callers of library functions (:mod:`~spleen_utils.export`,
+:mod:`~spleen_utils.compare`, :mod:`~spleen_utils.bench`); errors a user can fix raise
+:class:`~spleen_utils.errors.SpleenError`, which ``spleen-seg`` prints as one sentence (exit 2).
+Imports stay inside the commands: ``spleen-seg --help`` must stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _csv_ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _progress(quiet: bool):
+    return None if quiet else (lambda s: print(f"... {s}", file=sys.stderr, flush=True))
+
+
+# ---------------------------------------------------------------- export-onnx
+def cmd_export_onnx(a: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    rep = export_onnx(a.model, a.out, opset=a.opset, validate=not a.no_validate, real_image=a.real_image, exporter=a.exporter)
+    print(f"wrote {rep['path']} ({rep['size_bytes'] / 2**20:.1f} MiB, opset {rep['opset']}, {rep['exporter']} exporter, onnx.checker ok)")
+    if rep["validated"]:
+        print(f"validation, max |ONNX Runtime - PyTorch| of the logits (tolerance {rep['tolerance']:g}):")
+        for name, d in rep["max_abs_diff"].items():
+            print(f"  {name:<40} {d:.3g}")
+    else:
+        print("not validated (--no-validate)")
+    print(f"export {rep['export_seconds']:.1f} s, validation {rep['validate_seconds']:.1f} s")
+    if a.json:
+        _write_json(rep, a.json)
+    return 0
+
+
+# ---------------------------------------------------------------- build-trt
+def cmd_build_trt(a: argparse.Namespace) -> int:
+    from .export import build_trt_engine, engine_sidecar
+
+    out = build_trt_engine(
+        a.onnx,
+        a.out,
+        fp16=a.fp16,
+        min_batch=a.min_batch,
+        opt_batch=a.opt_batch,
+        max_batch=a.max_batch,
+        workspace_gb=a.workspace_gb,
+    )
+    print(f"wrote {out} ({'fp16' if a.fp16 else 'fp32'}) and its description {engine_sidecar(out)}")
+    return 0
+
+
+# ---------------------------------------------------------------- compare-backends
+def cmd_compare(a: argparse.Namespace) -> int:
+    from .compare import compare_backends, format_comparison
+
+    rec = compare_backends(
+        a.model,
+        onnx_path=a.onnx,
+        engine_path=a.engine,
+        data_dir=a.data,
+        real_dir=False if a.no_real else a.real,
+        device=a.device,
+        profile=a.profile,
+        val_cases=a.val_cases,
+        window=a.window,
+        lcc=not a.no_lcc,
+        json_out=a.json,
+        progress=_progress(a.quiet),
+    )
+    print(format_comparison(rec))
+    if a.json:
+        print(f"written: {a.json}")
+    return 0
+
+
+# ---------------------------------------------------------------- bench
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import format_report, plot_benchmark, run_benchmark
+
+    rec = run_benchmark(
+        model_path=a.model,
+        onnx_path=a.onnx,
+        engine_path=a.engine,
+        images=a.images,
+        device=a.device,
+        repeats=a.repeats,
+        patch_repeats=a.patch_repeats,
+        batch_sizes=a.batch_sizes,
+        patches=not a.no_patch,
+        end_to_end=not a.no_end_to_end,
+        window=a.window,
+        precision=a.precision,
+        threads=a.threads,
+        patch=a.patch,
+        json_out=a.json,
+        progress=_progress(a.quiet),
+    )
+    print(format_report(rec))
+    if a.json:
+        print(f"written: {a.json}")
+    if a.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        fig = plot_benchmark(rec)
+        Path(a.plot).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(a.plot, dpi=120)
+        print(f"figure: {a.plot}")
+    return 0
+
+
+def _write_json(obj, path) -> None:
+    from .bench import write_json
+
+    write_json(obj, path)
+    print(f"written: {path}")
+
+
+# ---------------------------------------------------------------- parser
+def register(sub) -> None:
+    """Add ``export-onnx``, ``build-trt``, ``compare-backends`` and ``bench`` to ``spleen-seg``."""
+    from .export import DEFAULT_OPSET
+
+    e = sub.add_parser("export-onnx", help="export a checkpoint to one self-describing ONNX file, validated against PyTorch")
+    e.add_argument("--model", required=True, help="a spleen_utils checkpoint (best_model.pt)")
+    e.add_argument("--out", required=True, help="the ONNX file to write (e.g. model.onnx)")
+    e.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET}; below 18 the TorchScript exporter is used)")
+    e.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto")
+    e.add_argument("--real-image", help="a CT (NIfTI) whose central patch joins the validation inputs")
+    e.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
+    e.add_argument("--json", help="write the export report here")
+    e.set_defaults(func=cmd_export_onnx)
+
+    t = sub.add_parser("build-trt", help="build a TensorRT 10 engine from the ONNX file (NVIDIA GPU + TensorRT only)")
+    t.add_argument("--onnx", required=True, help="a spleen_utils ONNX file")
+    t.add_argument("--out", required=True, help="the engine to write (e.g. model.engine; a model.engine.json description goes beside it)")
+    prec = t.add_mutually_exclusive_group()
+    prec.add_argument("--fp16", dest="fp16", action="store_true", default=True, help="let TensorRT use FP16 kernels (default)")
+    prec.add_argument("--fp32", dest="fp16", action="store_false", help="FP32 kernels only")
+    t.add_argument("--min-batch", type=_positive_int, default=1)
+    t.add_argument("--opt-batch", type=_positive_int, default=4)
+    t.add_argument("--max-batch", type=_positive_int, default=8)
+    t.add_argument("--workspace-gb", type=float, default=4.0)
+    t.set_defaults(func=cmd_build_trt)
+
+    c = sub.add_parser("compare-backends", help="Dice of each backend against the labels, and their agreement, on held-out cases")
+    c.add_argument("--model", required=True, help="a spleen_utils checkpoint (best_model.pt)")
+    c.add_argument("--onnx", help="its ONNX export (default: exported to a temporary file for the comparison)")
+    c.add_argument("--engine", help="a TensorRT engine built from it (GPU only)")
+    c.add_argument("--data", help="an MSD-layout dataset; its validation split is used (default: the profile's dataset, when present)")
+    c.add_argument("--real", help="the folder of real CT fixtures with spleen masks (default: ../shared/data/real or $SPLEEN_REAL_DATA, when present)")
+    c.add_argument("--no-real", action="store_true", help="leave the real CT fixtures out")
+    c.add_argument("--profile", choices=["quick", "full"], default="quick", help="whose dataset and validation split (default: quick)")
+    c.add_argument("--val-cases", type=_positive_int, help="validate on the last N cases (default: the profile's)")
+    c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    c.add_argument("--window", choices=["auto", "whole", "sliding"], default="auto", help="the Predictor's window policy, the same for every backend")
+    c.add_argument("--no-lcc", action="store_true", help="keep every connected component")
+    c.add_argument("--json", help="write the record here")
+    c.add_argument("--quiet", action="store_true", help="no progress lines")
+    c.set_defaults(func=cmd_compare)
+
+    b = sub.add_parser("bench", help="per-patch latency per backend and precision, and whole-CT time against the MONAI tutorial pipeline")
+    b.add_argument("--model", help="a spleen_utils checkpoint (default: outputs/runs/quick/best_model.pt)")
+    b.add_argument("--onnx", help="its ONNX export (default: exported to a temporary file for the run)")
+    b.add_argument("--engine", help="a TensorRT engine built from it (GPU only)")
+    b.add_argument("--images", nargs="+", help="CT files timed end to end (default: the real CT fixtures, when present)")
+    b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    b.add_argument("--repeats", type=_positive_int, default=3, help="timed end-to-end runs per pipeline and image (default 3)")
+    b.add_argument("--patch-repeats", type=_positive_int, help="timed calls per patch measurement (default: max(repeats, 5))")
+    b.add_argument("--batch-sizes", type=_csv_ints, default=(1, 2, 4), help="patch batch sizes (default 1,2,4)")
+    b.add_argument("--patch", type=_csv_ints, help="patch size timed in the per-patch part (default 96,96,96)")
+    b.add_argument("--threads", type=_positive_int, help="PyTorch threads for the whole run, both pipelines alike (default: one per core)")
+    b.add_argument("--no-patch", action="store_true", help="skip the per-patch part")
+    b.add_argument("--no-end-to-end", action="store_true", help="skip the whole-CT part")
+    b.add_argument("--window", choices=["auto", "whole", "sliding"], default="auto", help="the default path's window policy (default: auto, the Predictor's)")
+    b.add_argument("--precision", choices=["auto", "fp32", "amp"], default="auto", help="the default path's precision (default: auto, the Predictor's)")
+    b.add_argument("--json", help="write the record here")
+    b.add_argument("--plot", help="save the figure here (PNG, SVG, PDF)")
+    b.add_argument("--quiet", action="store_true", help="no progress lines")
+    b.set_defaults(func=cmd_bench)

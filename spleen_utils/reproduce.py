@@ -1,0 +1,774 @@
+"""Re-execute the tutorial, build the book, and report the headline results.
+
+``spleen-seg reproduce --profile quick`` (what ``make reproduce`` runs):
+
+1. executes ``notebooks/NN_*.ipynb`` in order with papermill (working directory: ``notebooks/``,
+   kernel: this Python, registered as the ``spleen-seg`` kernelspec), injecting ``profile``;
+   executed copies go to ``outputs/notebooks/<profile>/`` and the committed notebooks are not
+   touched. The first failing notebook stops the run with one sentence naming it and its cell;
+2. executes the book's introduction (``book/intro.ipynb``, whose results table is read from the run
+   records), stages a copy of the book that uses the executed notebooks, and builds it with
+   Jupyter Book 1.x (``execute_notebooks: off``, warnings are errors) into ``_build/html``;
+3. prints a short table of the headline results read from the run records.
+
+``spleen-seg reproduce --refresh-only`` (``make refresh-notebooks``) copies the executed
+quick-profile notebooks back into ``notebooks/`` as their stored outputs, without papermill's
+injected-parameters cell and metadata, so ``pytest --nbval`` compares against a real quick run.
+
+The module also holds the small helpers the notebooks share: finding the real CT fixtures,
+preparing a profile's dataset, training or reusing a finished run, the environment report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from collections.abc import Sequence
+from typing import Any
+
+from .config import PROJECT_ROOT, Config
+from .errors import SpleenError
+
+NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
+BOOK_DIR = PROJECT_ROOT / "book"
+INTRO = BOOK_DIR / "intro.ipynb"
+EXECUTED_DIR = PROJECT_ROOT / "outputs" / "notebooks"
+STAGING_DIR = PROJECT_ROOT / "outputs" / "book"
+BUILD_DIR = PROJECT_ROOT / "_build"
+KERNEL_NAME = "spleen-seg"
+KERNEL_DISPLAY = "Python (spleen-seg)"
+#: metadata papermill and nbclient add to a notebook; none of it belongs in a committed notebook
+_NB_NOISE = ("papermill",)
+_CELL_NOISE = ("papermill", "execution")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers the notebooks share
+
+
+def real_data_dir() -> Path | None:
+    """The real CT fixtures' folder: ``$SPLEEN_REAL_DATA``, else ``../shared/data/real``; None if absent."""
+    candidates = []
+    if os.environ.get("SPLEEN_REAL_DATA"):
+        candidates.append(Path(os.environ["SPLEEN_REAL_DATA"]))
+    candidates.append(PROJECT_ROOT.parent / "shared" / "data" / "real")
+    for c in candidates:
+        if c.is_dir() and any(c.glob("*.nii*")):
+            return c
+    return None
+
+
+def real_cases(folder: str | Path | None = None) -> tuple[list[dict[str, str]], str]:
+    """Image/label pairs among the real CT fixtures, and a sentence saying what was found.
+
+    Pairs are ``X_image`` + ``X_label`` or ``X`` + ``X_spleen`` (``.nii`` or ``.nii.gz``).
+    """
+    from .io import case_name, is_nifti_name
+
+    folder = Path(folder) if folder else real_data_dir()
+    if folder is None or not folder.is_dir():
+        return [], "the real CT fixtures are not here (set SPLEEN_REAL_DATA or place them in ../shared/data/real)"
+    files = {case_name(f): f for f in sorted(folder.iterdir()) if is_nifti_name(f)}
+    pairs = []
+    for stem, f in files.items():
+        if stem.endswith(("_label", "_spleen")):
+            continue
+        base = stem[: -len("_image")] if stem.endswith("_image") else stem
+        label = files.get(f"{base}_label") or files.get(f"{stem}_spleen")
+        if label is not None:
+            pairs.append({"name": base, "image": str(f), "label": str(label)})
+    if not pairs:
+        return [], f"{folder} holds no image/label pair"
+    return pairs, f"{len(pairs)} real CT fixture(s) with spleen masks in {folder}"
+
+
+def prepare_dataset(cfg: Config, progress: bool = False) -> str:
+    """Make sure ``cfg``'s dataset is on disk; returns what was done, in one sentence.
+
+    The quick profile's synthetic set is (re)generated when it is missing or was written by
+    another version of the generator (deterministic: the same files on every machine); the full
+    profile downloads MSD Task09 (1.5 GB, verified) when it is not there yet.
+    """
+    marker = cfg.dataset_dir / "dataset.json"
+    if cfg.dataset.startswith("Synthetic"):
+        from .synthetic import write_synthetic_dataset
+
+        before = marker.read_text() if marker.exists() else None
+        t0 = time.perf_counter()
+        write_synthetic_dataset(cfg.data_root, cases=cfg.synthetic_cases, test_cases=cfg.synthetic_test_cases,
+                                seed=cfg.seed, name=cfg.dataset, progress=progress)
+        if before is not None and marker.read_text() == before:
+            return f"found {cfg.dataset} in {rel(cfg.data_root)}"
+        return f"generated {cfg.dataset} in {rel(cfg.data_root)} ({time.perf_counter() - t0:.0f} s)"
+    if marker.exists():
+        return f"found {cfg.dataset} in {rel(cfg.data_root)}"
+    from .data import download_msd
+
+    download_msd(cfg.data_root, progress=progress)
+    return f"downloaded and verified {cfg.dataset} into {rel(cfg.data_root)}"
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's configuration without the fields that only say where files are."""
+    c = json.loads(json.dumps(config, default=str))
+    for k in ("data_root", "out_dir"):
+        c.pop(k, None)
+    return c
+
+
+def _same_run(cfg: Config, out: Path) -> tuple[bool, str]:
+    """Whether ``out/run.json`` records exactly ``cfg`` trained on exactly ``cfg``'s files, and why not."""
+    from .data import dataset_checksums, load_datalist, split_datalist
+
+    try:
+        run = json.loads((out / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False, f"the run records in {rel(out)} are missing or unreadable"
+    if _comparable(run.get("config", {})) != _comparable(cfg.to_dict()):
+        return False, f"the run in {rel(out)} used another configuration"
+    train_items, val_items = split_datalist(load_datalist(cfg.dataset_dir, "training"), cfg.val_cases, cfg.max_cases)
+    if run.get("data_md5") != dataset_checksums(train_items + val_items):
+        return False, f"the run in {rel(out)} was trained on other data"
+    return True, "same configuration and data"
+
+
+def finished_run(cfg: Config) -> tuple[dict[str, Any] | None, str]:
+    """The summary of a finished run of exactly ``cfg`` on the same data in ``cfg.out_dir``, and why not."""
+    out = Path(cfg.out_dir)
+    if not all((out / n).exists() for n in ("summary.json", "run.json", "best_model.pt")):
+        return None, f"no finished run in {rel(out)}"
+    same, why = _same_run(cfg, out)
+    if not same:
+        return None, why
+    summary = _read_json(out / "summary.json")
+    if not isinstance(summary, dict) or summary.get("epochs") != cfg.epochs:
+        return None, f"the run in {rel(out)} stopped before epoch {cfg.epochs}"
+    return summary, why
+
+
+def train_or_reuse(cfg: Config, retrain: bool = False, progress: bool = True) -> tuple[dict[str, Any], str]:
+    """Train ``cfg``, or reuse a finished run of the same configuration and data.
+
+    - a finished run of exactly this configuration on exactly these files (MD5 of every case)
+      is reused, unless ``retrain``;
+    - an interrupted run of this configuration on these files is resumed from its ``last.pt``;
+    - any other run in the folder is moved aside to ``<out_dir>.previous-<time>`` (never
+      deleted), then training starts afresh.
+
+    Returns the run's summary and one sentence saying which of these happened.
+    """
+    from .train import train
+
+    out = Path(cfg.out_dir)
+    summary, why = finished_run(cfg)
+    if summary is not None and not retrain:
+        return summary, f"reused the finished run in {rel(out)} ({why})"
+    resume = False
+    if out.exists() and any(out.iterdir()):
+        interrupted = (out / "last.pt").exists() and not (out / "summary.json").exists()
+        same, why_not = _same_run(cfg, out) if interrupted and not retrain else (False, why)
+        if same:
+            resume, why = True, "an interrupted run of the same configuration and data"
+        else:
+            aside = out.with_name(f"{out.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(out, aside)
+            why = f"{why_not if interrupted else why}; the previous run was moved to {aside.name}"
+    t0 = time.perf_counter()
+    summary = train(cfg, resume=resume, progress=progress)
+    verb = "resumed and finished" if resume else "trained"
+    n = summary["epochs"]
+    return summary, f"{verb} {cfg.profile} for {n} epoch{'s' if n != 1 else ''} in {time.perf_counter() - t0:.0f} s ({why})"
+
+
+def predict_items(predictor, items: Sequence[dict[str, str]], out_dir: str | Path,
+                  record: str | Path | None = None) -> list[dict[str, Any]]:
+    """Predict each item's image into ``out_dir/<case>.nii.gz``; the records also go to ``record`` (JSON)."""
+    from .io import case_name
+
+    out_dir = Path(out_dir)
+    records = []
+    for item in items:
+        name = item.get("name") or case_name(item["image"])
+        rec = predictor.predict_file(item["image"], out_dir / f"{name}.nii.gz")
+        rec["name"] = name
+        records.append(rec)
+    if record is not None:
+        Path(record).parent.mkdir(parents=True, exist_ok=True)
+        Path(record).write_text(json.dumps(records, indent=2) + "\n")
+    return records
+
+
+def evaluate_items(records: Sequence[dict[str, Any]], items: Sequence[dict[str, str]],
+                   json_out: str | Path | None = None) -> dict[str, Any]:
+    """Dice, HD95 and volumes of predicted masks (``records`` of :func:`predict_items`) against the items' labels."""
+    from .metrics import evaluate_case, summarize
+
+    cases = []
+    for rec, item in zip(records, items):
+        if "label" not in item:
+            continue
+        case = evaluate_case(rec["output"], item["label"])
+        case["name"] = rec.get("name", case["name"])
+        cases.append(case)
+    result = summarize(cases)
+    if json_out is not None:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def masks_on_grid(records: Sequence[dict[str, Any]]) -> bool:
+    """Whether every written mask has exactly its input image's shape and affine."""
+    from .io import load_nifti, same_grid
+
+    return all(same_grid(load_nifti(r["output"], dtype=None), load_nifti(r["input"], dtype=None)) for r in records)
+
+
+def describe_grid(shape: Sequence[int], affine: Any) -> str:
+    """``"427 x 427 x 41 voxels of 0.85 x 0.85 x 4.42 mm, LPS"`` for a grid."""
+    import nibabel as nib
+    import numpy as np
+
+    affine = np.asarray(affine, dtype=np.float64)
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    dims = " x ".join(str(int(s)) for s in tuple(shape)[-3:])
+    mm = " x ".join(f"{v:.3g}" for v in spacing)
+    return f"{dims} voxels of {mm} mm, {''.join(nib.aff2axcodes(affine))}"
+
+
+def lcc_effect(raw: Any, label: Any | None, spacing: Sequence[float]) -> tuple[Any, dict[str, Any]]:
+    """Keep the largest connected component of a raw mask; returns the new mask and what changed.
+
+    The same operation as the Predictor's post-processing (MONAI ``KeepLargestConnectedComponent``,
+    26-connectivity), with the components counted (``scipy.ndimage.label``) and, when a label is
+    given, the Dice before and after.
+    """
+    import numpy as np
+    import torch
+    from monai.transforms import KeepLargestConnectedComponent
+    from scipy import ndimage
+
+    from .metrics import dice, volume_ml
+
+    raw = np.asarray(raw, dtype=np.uint8)
+    # MONAI's transform may work in place: it gets a copy, so ``raw`` is never modified
+    kept = KeepLargestConnectedComponent(applied_labels=[1], connectivity=3)(torch.from_numpy(raw.copy())[None])[0]
+    kept = np.array(kept.cpu().numpy() if hasattr(kept, "cpu") else kept, dtype=np.uint8)
+    info: dict[str, Any] = {
+        "components_before": int(ndimage.label(raw > 0, structure=np.ones((3, 3, 3)))[1]),
+        "components_after": int(ndimage.label(kept > 0, structure=np.ones((3, 3, 3)))[1]),
+        "ml_before": volume_ml(raw, spacing),
+        "ml_after": volume_ml(kept, spacing),
+        "voxels_removed": int(raw.sum()) - int(kept.sum()),
+    }
+    if label is not None:
+        info["dice_before"] = dice(raw, label)
+        info["dice_after"] = dice(kept, label)
+        info["label_ml"] = volume_ml(np.asarray(label) > 0, spacing)
+    return kept, info
+
+
+def environment_report() -> dict[str, Any]:
+    """What this machine offers the tutorial: Python, CPU, memory, PyTorch/CUDA/cuDNN, ONNX Runtime, TensorRT."""
+    import torch
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_cores": os.cpu_count(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except Exception:
+        info["memory_gib"] = None
+    info["torch"] = torch.__version__
+    info["cuda_available"] = torch.cuda.is_available()
+    info["cuda"] = torch.version.cuda
+    info["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    try:
+        import onnxruntime as ort
+
+        info["onnxruntime"] = ort.__version__
+        info["onnxruntime_providers"] = ort.get_available_providers()
+    except Exception as e:
+        info["onnxruntime"] = f"not importable ({type(e).__name__})"
+        info["onnxruntime_providers"] = []
+    try:
+        from .backends import available_backends
+
+        info["backends"] = available_backends()
+    except Exception as e:  # the deployment modules may be absent in a trimmed install
+        info["backends"] = {"torch": "available", "error": f"{type(e).__name__}: {e}"}
+    return info
+
+
+def library_versions() -> dict[str, str]:
+    """The pinned libraries the tutorial depends on, as installed."""
+    from importlib import metadata
+
+    names = ["spleen-utils", "torch", "monai", "numpy", "nibabel", "scikit-image", "onnx", "onnxruntime", "matplotlib"]
+    out = {}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = "not installed"
+    return out
+
+
+def run_dir(profile: str) -> Path:
+    from .config import get_config
+
+    return Path(get_config(profile).out_dir)
+
+
+def rel(path: str | Path) -> str:
+    """``path`` relative to the project root when inside it (stable text for notebooks)."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# headline results from the run records
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def headline_results(profile: str = "quick") -> list[tuple[str, str]]:
+    """(what, value) rows read from ``outputs/runs/<profile>/``; ``not run`` where a record is missing."""
+    out = run_dir(profile)
+    summary = _read_json(out / "summary.json") or {}
+    run = _read_json(out / "run.json") or {}
+    rows: list[tuple[str, str]] = [("profile", profile)]
+    if not summary:
+        rows.append(("training", f"not run (no {rel(out / 'summary.json')})"))
+        return rows
+    data = summary.get("dataset", "?") + (" (synthetic)" if summary.get("synthetic") else "")
+    rows.append(("data", f"{data}: {summary.get('n_train')} training / {summary.get('n_val')} validation cases"))
+    hw = run.get("hardware", {})
+    device = summary.get("device", "?")
+    where = hw.get("gpu") if device.startswith("cuda") else hw.get("cpu")
+    rows.append(("device", f"{device} ({where}), {summary.get('precision', '?')}" if where else device))
+    rows.append(("epochs", f"{summary.get('epochs')} of {summary.get('epochs_planned')}"))
+    rows.append(("best validation Dice", f"{summary['best_val_dice']:.3f} at epoch {summary.get('best_epoch')} (resampled grid)"))
+    rows.append(("training time", f"{summary.get('train_seconds', 0) / 60:.1f} min"))
+    ev = _read_json(out / "eval" / "validation.json")
+    if ev and ev.get("n"):
+        hd = "n/a" if ev.get("mean_hd95_mm") is None else f"{ev['mean_hd95_mm']:.1f} mm"
+        rows.append(("held-out Dice / HD95", f"{ev['mean_dice']:.3f} / {hd} ({ev['n']} cases, original grid)"))
+    else:
+        rows.append(("held-out Dice / HD95", "not run (notebook 03)"))
+    real = _read_json(out / "eval" / "real.json")
+    if real and real.get("n"):
+        note = " (a model trained on synthetic phantoms only)" if summary.get("synthetic") else ""
+        rows.append(("real CT fixtures Dice", ", ".join(f"{c['name']} {c['dice']:.3f}" for c in real["cases"]) + note))
+    preds = _read_json(out / "predictions" / "validation.json")
+    if preds:
+        t = sorted(r["timings"]["total_s"] for r in preds)
+        rows.append(("inference per case", f"{t[len(t) // 2]:.1f} s median over {len(t)} cases ({preds[0].get('backend', '?')})"))
+    export = _read_json(out / "export.json")
+    if export:
+        diff = max(export.get("max_abs_diff", {}).values() or [float("nan")])
+        rows.append(("ONNX export", f"opset {export.get('opset')}, largest difference from PyTorch {diff:.1e}"))
+    backends = _read_json(out / "eval" / "backends.json")
+    if backends and backends.get("summary", {}).get("min_agreement"):
+        pairs = backends["summary"]["min_agreement"]
+        rows.append(("backend agreement", ", ".join(f"{k.replace('|', ' vs ')} {v:.4f}" for k, v in pairs.items())
+                     + " (smallest Dice between the two masks over all cases)"))
+    bench = _read_json(out / "bench" / "bench.json")
+    if bench and bench.get("patch", {}).get("rows"):
+        best = min(bench["patch"]["rows"], key=lambda r: r["ms_per_patch"])
+        where = (bench.get("hardware") or {}).get("gpu") or (bench.get("hardware") or {}).get("cpu")
+        rows.append(("fastest patch", f"{best['ms_per_patch']:.0f} ms per {'x'.join(map(str, bench['patch']['patch']))} patch, "
+                                      f"{best['backend']} {best['precision']} batch {best['batch']} ({where})"))
+    e2e = (bench or {}).get("end_to_end", {})
+    if e2e.get("cases"):
+        n = len(e2e["cases"])
+        rows.append(("end to end vs MONAI tutorial pipeline",
+                     f"{e2e['speedup_geomean']:.1f}x faster (geometric mean, {n} real CT file{'s' if n != 1 else ''}), "
+                     f"mask Dice agreement at least {e2e['dice_agreement_min']:.3f}"))
+    return rows
+
+
+def profile_note(profile: str = "quick") -> str:
+    """One paragraph under the results table: where the numbers come from."""
+    summary = _read_json(run_dir(profile) / "summary.json") or {}
+    record = _read_json(EXECUTED_DIR / profile / "reproduce.json") or {}
+    run = _read_json(run_dir(profile) / "run.json") or {}
+    parts = []
+    if summary.get("synthetic"):
+        parts.append(f"These numbers come from the `{profile}` profile, trained and scored on **synthetic** CT phantoms: "
+                     "they show that the pipeline works, not how well it segments real spleens.")
+    elif summary:
+        parts.append(f"These numbers come from the `{profile}` profile on {summary.get('dataset')}.")
+    if record.get("seconds"):
+        cpu = (run.get("hardware") or {}).get("cpu", "this machine")
+        parts.append(f"Executing the notebooks took {record['seconds'] / 60:.0f} min on {cpu} "
+                     f"({(run.get('hardware') or {}).get('cpu_count', '?')} cores).")
+    if not parts:
+        parts.append("No run records were found: run `make reproduce` first.")
+    return " ".join(parts)
+
+
+def results_markdown(profile: str = "quick") -> str:
+    """The headline results as a Markdown table (the book's introduction shows it)."""
+    lines = ["| result | value |", "|---|---|"]
+    lines += [f"| {k} | {v.replace('|', '/')} |" for k, v in headline_results(profile)]
+    return "\n".join(lines)
+
+
+def print_results(profile: str, file=None) -> None:
+    rows = headline_results(profile)
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}", file=file or sys.stdout)
+
+
+# ---------------------------------------------------------------------------------------------
+# executing the notebooks
+
+
+def notebook_paths(only: Sequence[str] | None = None) -> list[Path]:
+    """The numbered notebooks in order; ``only`` keeps those whose name starts with one of its items."""
+    paths = sorted(p for p in NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+    if not paths:
+        raise SpleenError(f"{NOTEBOOKS_DIR}: no numbered notebooks (NN_name.ipynb) to run.")
+    if only:
+        picked = [p for p in paths if any(p.name.startswith(o) for o in only)]
+        if not picked:
+            raise SpleenError(f"no notebook matches {', '.join(only)} (have: {', '.join(p.stem for p in paths)}).")
+        paths = picked
+    return paths
+
+
+def ensure_kernel() -> str:
+    """A kernelspec that starts this very Python: ``spleen-seg`` (installed into sys.prefix if missing)."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    ksm = KernelSpecManager()
+    try:
+        spec = ksm.get_kernel_spec(KERNEL_NAME)
+        exe = spec.argv[0]
+        if exe in ("python", "python3") or Path(exe).resolve() == Path(sys.executable).resolve() or Path(exe) == Path(sys.executable):
+            return KERNEL_NAME
+    except NoSuchKernel:
+        pass
+    try:
+        from ipykernel.kernelspec import install
+
+        install(kernel_name=KERNEL_NAME, display_name=KERNEL_DISPLAY, prefix=sys.prefix)
+        return KERNEL_NAME
+    except Exception:
+        # jupyter_client starts a spec whose argv[0] is "python" with the calling interpreter
+        return "python3"
+
+
+def parse_parameters(items: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` strings; values are JSON when they parse (``2``, ``true``, ``null``), else text."""
+    params: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SpleenError(f"a notebook parameter must look like key=value, not {item!r}.")
+        k, v = item.split("=", 1)
+        try:
+            params[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            params[k.strip()] = v
+    return params
+
+
+def declared_parameters(path: Path) -> dict[str, Any]:
+    """The parameters a notebook declares in its ``parameters`` cell, with their defaults."""
+    import papermill as pm
+
+    return {k: v for k, v in pm.inspect_notebook(str(path)).items()}
+
+
+def execute_notebook(src: Path, dst: Path, parameters: dict[str, Any], kernel: str, cwd: Path) -> float:
+    """Run one notebook with papermill; returns its wall time. Raises SpleenError naming the failing cell."""
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    t0 = time.perf_counter()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        pm.execute_notebook(
+            str(src), str(dst), parameters=parameters, kernel_name=kernel, cwd=str(cwd),
+            progress_bar=False, log_output=False, request_save_on_cell_execute=True,
+            # the kernel's own start-up log (e.g. "running over TCP without encryption") is noise here
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],
+        )
+    except PapermillExecutionError as e:
+        evalue = " ".join(str(e.evalue).split())
+        if len(evalue) > 300:
+            evalue = evalue[:300] + "..."
+        what = f"{e.ename}: {evalue}" if evalue else f"{e.ename} (an assert or check in that cell failed)"
+        raise SpleenError(
+            f"{src.name} failed at cell [{e.exec_count}] with {what}; the executed copy with the traceback is {rel(dst)}."
+        ) from None
+    return time.perf_counter() - t0
+
+
+def run_notebooks(profile: str, overrides: dict[str, Any] | None = None, only: Sequence[str] | None = None,
+                  out_dir: Path | None = None, log=print) -> dict[str, Any]:
+    """Execute the numbered notebooks in order into ``outputs/notebooks/<profile>/``; returns the run record."""
+    overrides = dict(overrides or {})
+    out_dir = Path(out_dir or EXECUTED_DIR / profile)
+    kernel = ensure_kernel()
+    paths = notebook_paths(only)
+    unknown = set(overrides)
+    for p in paths:
+        unknown -= set(declared_parameters(p))
+    if unknown:
+        raise SpleenError(f"no notebook declares the parameter(s) {', '.join(sorted(unknown))}.")
+    record: dict[str, Any] = {"profile": profile, "overrides": overrides, "kernel": kernel, "notebooks": {}}
+    started = time.perf_counter()
+    for p in paths:
+        declared = declared_parameters(p)
+        params = {k: v for k, v in {"profile": profile, **overrides}.items() if k in declared}
+        log(f"[{time.strftime('%H:%M:%S')}] {p.name} ...")
+        seconds = execute_notebook(p, out_dir / p.name, params, kernel, NOTEBOOKS_DIR)
+        record["notebooks"][p.name] = {"seconds": round(seconds, 1), "parameters": params}
+        log(f"           {p.name} done in {seconds:.0f} s")
+    record["seconds"] = round(time.perf_counter() - started, 1)
+    record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    old = _read_json(out_dir / "reproduce.json") or {}
+    if only and old.get("profile") == profile:  # keep the record of the notebooks not re-run
+        merged = dict(old.get("notebooks", {}))
+        merged.update(record["notebooks"])
+        record["notebooks"] = merged
+    (out_dir / "reproduce.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# the book
+
+
+def stage_book(profile: str, executed: Path | None = None) -> Path:
+    """A copy of the book's sources that uses the executed notebooks: ``outputs/book/<profile>/``."""
+    executed = Path(executed or EXECUTED_DIR / profile)
+    staging = STAGING_DIR / profile
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy2(PROJECT_ROOT / name, staging / name)
+    shutil.copytree(BOOK_DIR, staging / "book", ignore=shutil.ignore_patterns("_build", ".ipynb_checkpoints", "intro.ipynb"))
+    (staging / "notebooks").mkdir()
+    missing = []
+    for p in notebook_paths():
+        src = executed / p.name
+        if not src.exists():
+            missing.append(p.name)
+            continue
+        shutil.copy2(src, staging / "notebooks" / p.name)
+    if missing:
+        raise SpleenError(f"no executed copy of {', '.join(missing)} in {rel(executed)}; run `spleen-seg reproduce` first.")
+    intro = executed / "intro.ipynb"
+    if not intro.exists():
+        raise SpleenError(f"no executed introduction in {rel(executed)}; run `spleen-seg reproduce` first.")
+    import nbformat
+
+    # the introduction reads as a page: no papermill parameters cell
+    nbformat.write(clean_notebook(nbformat.read(str(intro), as_version=4)), str(staging / "book" / "intro.ipynb"))
+    return staging
+
+
+def jupyter_book_command() -> list[str]:
+    exe = Path(sys.executable).parent / "jupyter-book"
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("jupyter-book")
+    if found:
+        return [found]
+    raise SpleenError("jupyter-book is not installed in this environment; run `make env` (it installs .[book]).")
+
+
+def build_book(staging: Path, path_output: Path = PROJECT_ROOT, quiet: bool = True) -> Path:
+    """Jupyter Book 1.x, HTML, warnings as errors; returns ``_build/html/index.html``."""
+    html = Path(path_output) / "_build" / "html"
+    if html.exists():
+        shutil.rmtree(html)  # no page of an older build survives
+    cmd = jupyter_book_command() + ["build", str(staging), "--builder", "html", "--path-output", str(path_output), "-W", "--all"]
+    proc = subprocess.run(cmd, cwd=str(staging), capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [line for line in (proc.stdout + "\n" + proc.stderr).splitlines() if line.strip()]
+        important = [line for line in lines if "WARNING" in line or "ERROR" in line or "Error" in line] or lines[-15:]
+        raise SpleenError("the book build failed: " + " | ".join(important[:5]))
+    index = html / "index.html"
+    if not index.exists():
+        raise SpleenError(f"the book build finished but wrote no {index}.")
+    return index
+
+
+# ---------------------------------------------------------------------------------------------
+# refreshing the committed notebooks
+
+
+def clean_notebook(nb) -> Any:
+    """A papermill-executed notebook as it should be committed: no injected-parameters cell, no
+    papermill/nbclient metadata, execution counts renumbered from 1."""
+    nb = copy.deepcopy(nb)
+    nb.cells = [c for c in nb.cells if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+    for k in _NB_NOISE:
+        nb.metadata.pop(k, None)
+    count = 0
+    for cell in nb.cells:
+        for k in _CELL_NOISE:
+            cell.metadata.pop(k, None)
+        if cell.cell_type != "code":
+            continue
+        if cell.get("execution_count") is not None:
+            count += 1
+            cell.execution_count = count
+            for out in cell.get("outputs", []):
+                if "execution_count" in out:
+                    out["execution_count"] = count
+    nb.metadata["kernelspec"] = {"name": KERNEL_NAME, "display_name": KERNEL_DISPLAY, "language": "python"}
+    return nb
+
+
+def refresh_notebooks(profile: str = "quick", executed: Path | None = None, log=print) -> list[Path]:
+    """Copy the executed notebooks of a default-parameter run back into ``notebooks/`` (cleaned)."""
+    import nbformat
+
+    if profile != "quick":
+        raise SpleenError("only the quick profile's outputs are stored in notebooks/ (that is what CI re-runs).")
+    executed = Path(executed or EXECUTED_DIR / profile)
+    record = _read_json(executed / "reproduce.json")
+    if record is None:
+        raise SpleenError(f"no executed notebooks in {rel(executed)}; run `make reproduce` first.")
+    written = []
+    for p in notebook_paths():
+        src = executed / p.name
+        ran = record.get("notebooks", {}).get(p.name)
+        if not src.exists() or ran is None:
+            raise SpleenError(f"{rel(src)} was not executed by the last reproduce run; run `make reproduce` first.")
+        extra = {k: v for k, v in ran.get("parameters", {}).items() if k != "profile"}
+        if extra:
+            raise SpleenError(
+                f"{p.name} last ran with non-default parameters {extra}; nbval re-runs the defaults, "
+                "so re-run `make reproduce` without -p overrides before refreshing."
+            )
+        if src.stat().st_mtime < p.stat().st_mtime:
+            raise SpleenError(f"{p.name} changed after its executed copy was made; run `make reproduce` first.")
+    for p in notebook_paths():
+        nb = nbformat.read(str(executed / p.name), as_version=4)
+        if any(o.get("output_type") == "error" for c in nb.cells for o in c.get("outputs", [])):
+            raise SpleenError(f"{rel(executed / p.name)} holds an error output; fix it and re-run `make reproduce`.")
+        nbformat.write(clean_notebook(nb), str(p))
+        written.append(p)
+        log(f"refreshed {rel(p)}")
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+def reproduce(profile: str = "quick", overrides: dict[str, Any] | None = None, only: Sequence[str] | None = None,
+              book: bool = True, refresh: bool = False, book_only: bool = False, log=print) -> Path | None:
+    """Execute the notebooks, the introduction and the book; print where the book is and the results.
+
+    ``book_only`` skips the numbered notebooks and builds the book from the last executed copies.
+    """
+    t0 = time.perf_counter()
+    executed = EXECUTED_DIR / profile
+    if book_only:
+        record = _read_json(executed / "reproduce.json")
+        if record is None:
+            raise SpleenError(f"no executed notebooks in {rel(executed)}; run `spleen-seg reproduce` first.")
+        record["kernel"] = ensure_kernel()
+    else:
+        record = run_notebooks(profile, overrides, only, log=log)
+    kernel = record["kernel"]
+    index = None
+    if book:
+        log(f"[{time.strftime('%H:%M:%S')}] book/intro.ipynb ...")
+        execute_notebook(INTRO, executed / "intro.ipynb", {"profile": profile}, kernel, BOOK_DIR)
+        log(f"[{time.strftime('%H:%M:%S')}] building the book (Jupyter Book, warnings as errors) ...")
+        tb = time.perf_counter()
+        index = build_book(stage_book(profile, executed))
+        record["book_seconds"] = round(time.perf_counter() - tb, 1)
+    if not book_only:
+        record["total_seconds"] = round(time.perf_counter() - t0, 1)
+    (executed / "reproduce.json").write_text(json.dumps(record, indent=2) + "\n")
+    if refresh:
+        refresh_notebooks(profile, executed, log=log)
+    log("")
+    log(f"executed notebooks: {rel(executed)}/")
+    if index is not None:
+        log(f"the book: {rel(index)}  (open file://{index})")
+    if book_only:
+        log(f"book built in {record['book_seconds']:.0f} s from the notebooks executed at {record.get('finished', '?')}")
+    else:
+        log(f"wall time: {record['total_seconds'] / 60:.1f} min "
+            f"(notebooks {record['seconds'] / 60:.1f} min" + (f", book {record['book_seconds']:.0f} s)" if book else ")"))
+    log("headline results (from the run records):")
+    print_results(profile)
+    return index
+
+
+def cmd_reproduce(a: argparse.Namespace) -> int:
+    if a.refresh_only:
+        refresh_notebooks(a.profile)
+        return 0
+    import importlib.util
+
+    if importlib.util.find_spec("papermill") is None:
+        raise SpleenError("papermill is not installed here; run `make env` (it installs the [book] extra).")
+    overrides = parse_parameters(a.param)
+    if a.refresh and overrides:
+        raise SpleenError("--refresh stores outputs that nbval re-runs with the defaults; drop the -p overrides.")
+    if a.book_only and (overrides or a.only or a.no_book):
+        raise SpleenError("--book-only builds the book from the last executed notebooks; it takes no -p, --only or --no-book.")
+    reproduce(a.profile, overrides, a.only, book=not a.no_book, refresh=a.refresh, book_only=a.book_only)
+    return 0
+
+
+def register(subparsers) -> None:
+    r = subparsers.add_parser(
+        "reproduce",
+        help="re-execute every notebook (papermill), build the book and print the headline results",
+        description="Execute notebooks/NN_*.ipynb in order into outputs/notebooks/<profile>/, build the book into "
+        "_build/html from those executed copies, and print the headline results.",
+    )
+    r.add_argument("--profile", choices=["quick", "full"], default="quick")
+    r.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a notebook parameter for development, e.g. -p epochs=2 (outputs of such a run cannot be refreshed)")
+    r.add_argument("--only", nargs="+", metavar="NN", help="run only these notebooks (name prefixes, e.g. 03 04)")
+    r.add_argument("--no-book", action="store_true", help="execute the notebooks but do not build the book")
+    r.add_argument("--book-only", action="store_true", help="only build the book from the last executed notebooks")
+    r.add_argument("--refresh", action="store_true", help="afterwards copy the executed notebooks into notebooks/ (quick profile)")
+    r.add_argument("--refresh-only", action="store_true",
+                   help="only copy the last executed quick-profile notebooks into notebooks/ (make refresh-notebooks)")
+    r.set_defaults(func=cmd_reproduce)

@@ -1,0 +1,148 @@
+"""The benchmark: its record, its baseline (the MONAI tutorial pipeline), and agreement with the default path.
+
+Timings are recorded, never asserted; what is asserted is structure, units and agreement.
+"""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from spleen_utils.bench import (
+    BENCH_FORMAT,
+    PeakMemory,
+    baseline_predict,
+    bench_end_to_end,
+    count_flops,
+    format_report,
+    plot_benchmark,
+    run_benchmark,
+    summarize_times,
+)
+from spleen_utils.config import Recipe
+from spleen_utils.infer import Predictor
+from spleen_utils.io import load_nifti
+from spleen_utils.metrics import dice
+from spleen_utils.model import build_network, save_checkpoint
+from spleen_utils.synthetic import make_phantom
+
+TINY = Recipe(channels=(4, 8, 16, 32, 64), patch_size=(32, 32, 32), sw_roi=(64, 64, 64), sw_batch_size=2)
+
+
+class BoxNet(torch.nn.Module):
+    """A 3x3x3 mean filter with two logits (0.5 - m, m - 0.5): deterministic, position-sensitive."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[0] -= 1.0 / 27
+            self.conv.weight[1] += 1.0 / 27
+            self.conv.bias.copy_(torch.tensor([0.5, -0.5]))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class BoxBackend:
+    name, device, precision, meta = "box", torch.device("cpu"), "fp32", {}
+
+    def __init__(self, recipe=Recipe()):
+        self.recipe, self.net = recipe, BoxNet().eval()
+
+    @torch.no_grad()
+    def __call__(self, x):
+        return self.net(x)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    torch.manual_seed(0)
+    model = save_checkpoint(build_network(TINY), TINY, d / "tiny.pt", epoch=1)
+    from spleen_utils.export import export_onnx
+
+    onnx_path = d / "tiny.onnx"
+    export_onnx(model, onnx_path, opset=17, validate=False)
+    img, _, aff = make_phantom(5, "LAS", (5.0, 5.0, 6.0))
+    image = d / "case.nii.gz"
+    nib.save(nib.Nifti1Image(img, aff), str(image))
+    return model, onnx_path, image
+
+
+def test_summaries_and_flops():
+    s = summarize_times([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert s["median_s"] == 3.0 and s["n"] == 5 and s["p10_s"] == pytest.approx(1.4) and s["p90_s"] == pytest.approx(4.6)
+    conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+    assert count_flops(conv, (1, 1, 8, 8, 8)) == 2 * 1 * 2 * 27 * 8**3  # a multiply-add is two FLOPs
+
+
+def test_peak_memory_sees_an_allocation():
+    with PeakMemory() as m:
+        a = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+        a += 1
+        del a
+    assert m.rss_increase_mb > 40 and m.peak_rss_mb >= m.rss_increase_mb
+
+
+def test_baseline_is_the_tutorial_pipeline_and_agrees_with_the_default_path(files, tmp_path):
+    _, _, image = files
+    base, t = baseline_predict(BoxNet().eval(), image, tmp_path / "base", Recipe())
+    assert set(t) == {"load_preprocess_s", "inference_s", "invert_s", "write_s", "total_s"}
+    written = tmp_path / "base" / "case" / "case_seg.nii.gz"  # SaveImaged's layout
+    src, out = nib.load(str(image)), nib.load(str(written))
+    assert out.shape == src.shape and np.allclose(out.affine, src.affine, atol=1e-4)
+    assert np.array_equal(np.asarray(out.dataobj).astype(np.uint8), base)
+    ours, _ = Predictor(BoxBackend(), lcc=False).predict_volume(load_nifti(image))
+    assert base.sum() > 100 and ours.sum() > 100
+    assert dice(base, ours) >= 0.99
+
+
+def test_end_to_end_record(files, tmp_path):
+    model, _, image = files
+    rec = bench_end_to_end(model, [image], device="cpu", repeats=1, warmup=0, predictor=Predictor(BoxBackend(), lcc=False), baseline_model=BoxNet().eval())
+    (case,) = rec["cases"]
+    assert case["shape"] == list(nib.load(str(image)).shape)
+    assert case["speedup"] > 0 and case["window_plan"] in ("whole", "sliding") and len(case["preprocessed_shape"]) == 3
+    assert case["dice_agreement"] >= 0.99 and case["dice_agreement_baseline_lcc"] is None  # no LCC on either side
+    assert case["baseline"]["spleen_voxels"] > 100
+    assert {"load_preprocess_s", "inference_s", "invert_s", "write_s"} <= set(case["baseline"]["stages_median_s"])
+    assert {"preprocess_s", "inference_s", "postprocess_s", "write_s", "load_s"} <= set(case["default"]["stages_median_s"])
+    assert case["baseline"]["memory"]["peak_rss_mb"] > 0
+    assert rec["baseline"]["roi"] == [160, 160, 160] and rec["baseline"]["precision"] == "fp32"
+
+
+def test_run_benchmark_writes_the_record(files, tmp_path):
+    model, onnx_path, image = files
+    out = tmp_path / "bench.json"
+    rec = run_benchmark(model, onnx_path=onnx_path, images=[image], device="cpu", repeats=1, warmup=0, patch_repeats=2, batch_sizes=(1, 2),
+                        patch=(32, 32, 32), threads=torch.get_num_threads(), json_out=out)
+    doc = json.loads(out.read_text())
+    assert doc["format"] == BENCH_FORMAT and doc == json.loads(json.dumps(rec, default=str))
+    assert {"date", "hardware", "versions", "model", "settings", "patch", "end_to_end"} <= set(doc)
+    hw = doc["hardware"]
+    assert hw["cpu"] and hw["cpu_cores"] >= 1 and hw["cpu_threads"] >= 1 and "gpu" in hw
+    assert doc["settings"]["torch_threads"] == torch.get_num_threads() and hw["load_average_1min"] is not None
+    p = doc["patch"]
+    assert p["patch"] == [32, 32, 32] and p["flops_per_patch"] > 0
+    seen = {(r["backend"], r["precision"], r["batch"]) for r in p["rows"]}
+    assert {("torch", "fp32", 1), ("torch", "fp32", 2), ("onnx", "fp32", 1), ("onnx", "fp32", 2)} <= seen
+    for r in p["rows"]:
+        assert r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] and r["ms_per_patch"] == pytest.approx(r["median_ms"] / r["batch"])
+        assert r["achieved_gflops"] > 0 and r["peak_rss_mb"] > 0
+        assert r["fraction_of_peak"] == "unknown" or 0 < r["fraction_of_peak"] < 1
+    assert any(m["backend"] == "tensorrt" for m in p["unavailable"])  # listed with its reason
+    e = doc["end_to_end"]
+    assert len(e["cases"]) == 1 and e["cases"][0]["speedup"] > 0 and 0 <= e["dice_agreement_min"] <= 1
+    text = format_report(doc)
+    assert "end to end" in text and "onnx" in text and "speedup" in text
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig = plot_benchmark(doc)
+    assert len(fig.axes) == 2
