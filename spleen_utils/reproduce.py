@@ -412,8 +412,9 @@ def headline_results(profile: str = "quick") -> list[tuple[str, str]]:
     e2e = (bench or {}).get("end_to_end", {})
     if e2e.get("cases"):
         n = len(e2e["cases"])
+        names = ", ".join(c.get("name", "?") for c in e2e["cases"])
         rows.append(("end to end vs MONAI tutorial pipeline",
-                     f"{e2e['speedup_geomean']:.1f}x faster (geometric mean, {n} real CT file{'s' if n != 1 else ''}), "
+                     f"{e2e['speedup_geomean']:.1f}x faster (geometric mean over {n} file{'s' if n != 1 else ''}: {names}), "
                      f"mask Dice agreement at least {e2e['dice_agreement_min']:.3f}"))
     return rows
 
@@ -430,9 +431,13 @@ def profile_note(profile: str = "quick") -> str:
     elif summary:
         parts.append(f"These numbers come from the `{profile}` profile on {summary.get('dataset')}.")
     if record.get("seconds"):
-        cpu = (run.get("hardware") or {}).get("cpu", "this machine")
-        parts.append(f"Executing the notebooks took {record['seconds'] / 60:.0f} min on {cpu} "
-                     f"({(run.get('hardware') or {}).get('cpu_count', '?')} cores).")
+        hw = run.get("hardware") or {}
+        where = hw.get("gpu") or hw.get("cpu", "this machine")
+        sentence = f"Executing the notebooks took {record['seconds'] / 60:.0f} min on {where} ({hw.get('cpu_count', '?')} CPU cores)"
+        nb02 = record.get("notebooks", {}).get("02_training.ipynb", {}).get("seconds")
+        if nb02 is not None and summary.get("train_seconds") and nb02 < summary["train_seconds"]:
+            sentence += f"; notebook 02 reused a finished training run of the same configuration and data ({summary['train_seconds'] / 60:.0f} min of training)"
+        parts.append(sentence + ".")
     if not parts:
         parts.append("No run records were found: run `make reproduce` first.")
     return " ".join(parts)
