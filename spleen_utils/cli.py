@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", required=True, help="a file (for a file) or a folder")
     pr.add_argument("--backend", choices=["auto", "torch", "onnx", "tensorrt"], default="auto")
     pr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    pr.add_argument("--precision", choices=["fp32", "amp"], default="fp32", help="amp: fp16 on CUDA, bf16 on CPU (torch backend)")
+    pr.add_argument("--precision", choices=["auto", "fp32", "amp"], default="auto", help="auto (default): bf16/fp16 where the hardware runs it natively, else fp32; amp: always mixed (torch backend)")
     pr.add_argument("--no-lcc", action="store_true", help="keep every connected component (default: the largest only)")
     pr.add_argument("--json", help="write a JSON record of each case here")
     pr.set_defaults(func=cmd_predict)

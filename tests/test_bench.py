@@ -109,7 +109,8 @@ def test_end_to_end_record(files, tmp_path):
     (case,) = rec["cases"]
     assert case["shape"] == list(nib.load(str(image)).shape)
     assert case["speedup"] > 0 and case["window_plan"] in ("whole", "sliding") and len(case["preprocessed_shape"]) == 3
-    assert case["dice_agreement"] >= 0.99 and case["dice_agreement_baseline_lcc"] is None  # no LCC on either side
+    assert case["dice_agreement"] >= 0.99 and case["dice_agreement"] == case["dice_agreement_raw"]  # no LCC on either side
+    assert case["differing_voxels"] <= 0.01 * case["baseline"]["spleen_voxels"]
     assert case["baseline"]["spleen_voxels"] > 100
     assert {"load_preprocess_s", "inference_s", "invert_s", "write_s"} <= set(case["baseline"]["stages_median_s"])
     assert {"preprocess_s", "inference_s", "postprocess_s", "write_s", "load_s"} <= set(case["default"]["stages_median_s"])
@@ -146,3 +147,15 @@ def test_run_benchmark_writes_the_record(files, tmp_path):
     matplotlib.use("Agg")
     fig = plot_benchmark(doc)
     assert len(fig.axes) == 2
+
+
+def test_agreement_filters_a_copy():
+    """The largest-component filter used for the agreement must not change the baseline's mask."""
+    from spleen_utils.bench import _lcc
+
+    mask = np.zeros((20, 20, 20), np.uint8)
+    mask[2:5, 2:5, 2:5] = 1
+    mask[10:18, 10:18, 10:18] = 1
+    before = mask.copy()
+    kept = _lcc(mask)
+    assert np.array_equal(mask, before) and kept.sum() == 8**3

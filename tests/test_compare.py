@@ -23,7 +23,7 @@ from spleen_utils.errors import SpleenError
 from spleen_utils.model import build_network, cpu_supports_bf16, save_checkpoint
 from spleen_utils.synthetic import make_phantom
 
-TINY = Recipe(channels=(4, 8, 16, 32, 64), patch_size=(32, 32, 32), sw_roi=(64, 64, 64), sw_batch_size=2)
+TINY = Recipe(channels=(4, 8, 16, 32, 64), patch_size=(32, 32, 32), sw_roi=(64, 64, 64), sw_batch_size=2, pixdim=(3.0, 3.0, 4.0))
 
 
 @pytest.fixture(scope="module")
