@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import math
 import os
 import platform
 import tempfile
@@ -653,7 +652,6 @@ def run_benchmark(
     images the end-to-end part is skipped with its reason. Without ``onnx_path`` the checkpoint
     is exported to a temporary ONNX file (validated) so that ONNX Runtime has its row.
     """
-    from .model import file_sha256, read_checkpoint, resolve_device
 
     if threads is not None and int(threads) < 1:
         raise SpleenError(f"threads must be a positive integer, not {threads}.")

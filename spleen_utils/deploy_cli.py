@@ -10,7 +10,6 @@ Imports stay inside the commands: ``spleen-seg --help`` must stay fast.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
