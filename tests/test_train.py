@@ -43,18 +43,19 @@ def tiny_config(dataset, out, epochs):
         learning_rate=3e-3,
         channels=(8, 16, 32, 64, 128),
         device="cpu",
+        amp=False,  # fp32: with bf16 this tiny net at lr 3e-3 hit a NaN loss (see the closing note)
     )
 
 
 def test_training_raises_dice_and_writes_records(tiny_dataset, tmp_path):
-    cfg = tiny_config(tiny_dataset, tmp_path / "run", epochs=12)
+    cfg = tiny_config(tiny_dataset, tmp_path / "run", epochs=40)
     summary = train(cfg, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == list(range(1, 13))
+    assert [r["epoch"] for r in rows] == list(range(1, 41))
     dices = [r["val_dice"] for r in rows]
-    # 24 steps lift the Dice of this tiny net from ~0.04 (spleen everywhere) to ~0.09; a broken
-    # loss, optimizer step or label pipeline leaves it flat or falling
-    assert max(dices[-3:]) > dices[0] + 0.04, dices
+    # 80 steps lift this tiny net's Dice from ~0 to 0.65-0.8 (measured with 1 and 2 threads); a
+    # broken loss, optimizer step or label pipeline leaves it flat
+    assert max(dices[-10:]) > dices[0] + 0.25, dices
     assert rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]
     assert summary["best_val_dice"] == pytest.approx(max(dices))
     assert summary["best_epoch"] == 1 + dices.index(max(dices))
