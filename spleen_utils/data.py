@@ -37,6 +37,10 @@ def _resolve(dataset_dir: Path, rel: str) -> Path:
     return (dataset_dir / rel).resolve()
 
 
+#: the keys of a datalist entry that name files (others, such as ``source`` and ``fold``, are text)
+PATH_KEYS = ("image", "label", "tissue")
+
+
 def load_datalist(dataset_dir: str | Path, section: str = "training") -> list[dict]:
     """The cases of ``section`` as ``{"image": path, "label": path}`` dicts (``test``: image only).
 
@@ -53,8 +57,8 @@ def load_datalist(dataset_dir: str | Path, section: str = "training") -> list[di
         if isinstance(entry, str):
             item = {"image": str(_resolve(dataset_dir, entry))}
         else:
-            item = {k: str(_resolve(dataset_dir, v)) for k, v in entry.items()}
-        missing = [v for v in item.values() if not Path(v).exists()]
+            item = {k: str(_resolve(dataset_dir, v)) if k in PATH_KEYS else v for k, v in entry.items()}
+        missing = [item[k] for k in PATH_KEYS if k in item and not Path(item[k]).exists()]
         if missing:
             raise DataError(f"{dataset_dir}: dataset.json lists {missing[0]}, which does not exist; the dataset is incomplete.")
         items.append(item)
@@ -62,9 +66,18 @@ def load_datalist(dataset_dir: str | Path, section: str = "training") -> list[di
 
 
 def split_datalist(items: list[dict], val_cases: int, max_cases: int | None = None) -> tuple[list[dict], list[dict]]:
-    """Deterministic split: the last ``val_cases`` of the sorted list validate (MONAI: 9 of 41)."""
+    """Deterministic split: the last ``val_cases`` of the sorted list validate (MONAI: 9 of 41).
+
+    A generated set whose entries carry a ``fold`` says itself which cases validate.
+    """
     if max_cases is not None:
         items = items[:max_cases]
+    if any("fold" in i for i in items):
+        train = [i for i in items if i.get("fold") != "validation"]
+        val = [i for i in items if i.get("fold") == "validation"]
+        if not train or not val:
+            raise DataError("the dataset's folds leave no training or no validation case.")
+        return train, val
     if not 0 < val_cases < len(items):
         raise DataError(f"cannot keep {val_cases} of {len(items)} cases for validation; at least one must train.")
     return items[:-val_cases], items[-val_cases:]
@@ -79,8 +92,10 @@ def dataset_checksums(items: list[dict]) -> dict[str, str]:
     """MD5 of every file a run reads, keyed by file name (recorded in ``run.json``)."""
     out = {}
     for item in items:
-        for path in item.values():
-            out[f"{Path(path).parent.name}/{Path(path).name}"] = file_md5(path)
+        for key in PATH_KEYS:
+            if key in item:
+                path = item[key]
+                out[f"{Path(path).parent.name}/{Path(path).name}"] = file_md5(path)
     return out
 
 

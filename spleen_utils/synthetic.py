@@ -40,18 +40,20 @@ import time
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 from nibabel import orientations as nio
 from scipy import ndimage
 
+from . import appearance as ap
 from .errors import DataError
 from .io import save_nifti
 
 #: recorded in dataset.json; bump VERSION whenever the phantoms a seed gives change.
 GENERATOR = "spleen_utils.synthetic"
-VERSION = 2
+VERSION = 4  # 3: tissue maps, label-map cases, validation folds; 4: thicker voxels, thick-slice look
 
 #: storage orientations cycled with the case seed (MSD itself holds LAS and others; RAS is
 #: NIfTI's canonical, LPS is DICOM's).
@@ -71,30 +73,39 @@ CASES_PER_SEED = 1000
 
 
 class Tissue(IntEnum):
-    """The tissue classes a phantom is painted with (``Phantom.tissues`` holds them)."""
+    """The tissue classes a phantom is painted with (``Phantom.tissues`` holds them).
 
-    AIR = 0
-    FAT = 1
-    MUSCLE = 2
-    BOWEL = 3
-    GAS = 4
-    LUNG = 5
-    HEART = 6
-    LIVER = 7
-    GALLBLADDER = 8
-    STOMACH_WALL = 9
-    STOMACH_CONTENT = 10
-    KIDNEY_CORTEX = 11
-    KIDNEY_MEDULLA = 12
-    AORTA = 13
-    IVC = 14
-    SPLEEN = 15
-    BONE_CANCELLOUS = 16
-    BONE_CORTEX = 17
-    DISC = 18
-    SPINAL_CANAL = 19
-    RIB_CORTEX = 20
-    RIB_MARROW = 21
+    The codes are :mod:`spleen_utils.appearance`'s, which paints them; the last six are used by
+    the anatomy taken from real label maps (:mod:`spleen_utils.labelmaps`), not by the phantoms.
+    """
+
+    AIR = ap.AIR
+    FAT = ap.FAT
+    MUSCLE = ap.MUSCLE
+    BOWEL = ap.BOWEL
+    GAS = ap.GAS
+    LUNG = ap.LUNG
+    HEART = ap.HEART
+    LIVER = ap.LIVER
+    GALLBLADDER = ap.GALLBLADDER
+    STOMACH_WALL = ap.STOMACH_WALL
+    STOMACH_CONTENT = ap.STOMACH_CONTENT
+    KIDNEY_CORTEX = ap.KIDNEY_CORTEX
+    KIDNEY_MEDULLA = ap.KIDNEY_MEDULLA
+    AORTA = ap.AORTA
+    IVC = ap.IVC
+    SPLEEN = ap.SPLEEN
+    BONE_CANCELLOUS = ap.BONE_CANCELLOUS
+    BONE_CORTEX = ap.BONE_CORTEX
+    DISC = ap.DISC
+    SPINAL_CANAL = ap.SPINAL_CANAL
+    RIB_CORTEX = ap.RIB_CORTEX
+    RIB_MARROW = ap.RIB_MARROW
+    PANCREAS = ap.PANCREAS
+    SOFT = ap.SOFT
+    BLADDER = ap.BLADDER
+    COLON = ap.COLON
+    PORTAL_VEIN = ap.PORTAL_VEIN
 
 
 _N_TISSUES = len(Tissue)
@@ -711,8 +722,11 @@ def _nifti_header() -> nib.Nifti1Header:
     return hdr  # qform/sform codes 0 here become 1 (scanner) in save_nifti
 
 
-def _record(seed: int, cases: int, test_cases: int) -> dict:
-    return {"generator": GENERATOR, "seed": int(seed), "cases": int(cases), "test_cases": int(test_cases), "version": VERSION}
+def _record(seed: int, cases: int, test_cases: int, labelmap_cases: int = 0, val_per_source: int = 0) -> dict:
+    rec = {"generator": GENERATOR, "seed": int(seed), "cases": int(cases), "test_cases": int(test_cases), "version": VERSION}
+    if labelmap_cases or val_per_source:
+        rec.update(labelmap_cases=int(labelmap_cases), val_per_source=int(val_per_source))
+    return rec
 
 
 def _read_meta(folder: Path) -> dict | None:
@@ -727,7 +741,7 @@ def _complete(folder: Path, record: dict) -> bool:
     meta = _read_meta(folder)
     if not isinstance(meta, dict) or meta.get("synthetic") != record:
         return False
-    files = [v for e in meta.get("training", []) for v in e.values()] + list(meta.get("test", []))
+    files = [e[k] for e in meta.get("training", []) for k in ("image", "label", "tissue") if k in e] + list(meta.get("test", []))
     return all((folder / f).is_file() for f in files)
 
 
@@ -742,24 +756,55 @@ def _remove_stale_partials(root: Path, name: str, older_than_s: float = 3600.0) 
             pass
 
 
-def dataset_json(name: str, cases: int, test_cases: int, seed: int) -> dict:
-    """The ``dataset.json`` of a synthetic set, in the MSD Task09 layout."""
+#: the case list of a set: (case index, source name, fold) -- fold "validation" or "training"
+def case_plan(cases: int, labelmap_names: list[str], labelmap_cases: int, val_per_source: int) -> list[tuple[int, str, str]]:
+    """Which case is what: phantoms first, then ``labelmap_cases`` cases of each label map.
+
+    Within each source the last ``val_per_source`` cases validate (0: no folds recorded; the
+    tutorial's rule, the last cases of the sorted list, then applies).
+    """
+    plan, index = [], 0
+    groups = [("phantom", cases)] + [(f"labelmap:{n}", labelmap_cases) for n in labelmap_names]
+    for source, n in groups:
+        for k in range(n):
+            index += 1
+            fold = "validation" if val_per_source and k >= n - val_per_source else "training"
+            plan.append((index, source, fold))
+    return plan
+
+
+def dataset_json(name: str, cases: int, test_cases: int, seed: int, plan: list[tuple[int, str, str]] | None = None,
+                 labelmap_cases: int = 0, val_per_source: int = 0) -> dict:
+    """The ``dataset.json`` of a synthetic set, in the MSD Task09 layout.
+
+    Beyond MSD's keys, each training entry of a set with tissue maps names its ``tissue`` map
+    (``tissuesTr/``, the painter's tissue codes), its ``source`` and its ``fold``.
+    """
+    if plan is None:
+        entries = [{"image": f"./imagesTr/spleen_{i}.nii.gz", "label": f"./labelsTr/spleen_{i}.nii.gz"} for i in range(1, cases + 1)]
+    else:
+        entries = [
+            {"image": f"./imagesTr/spleen_{i}.nii.gz", "label": f"./labelsTr/spleen_{i}.nii.gz",
+             "tissue": f"./tissuesTr/spleen_{i}.nii.gz", "source": source, **({"fold": fold} if val_per_source else {})}
+            for i, source, fold in plan
+        ]
+    n_train = len(entries)
     return {
         "name": name,
-        "description": "Synthetic CT-like abdominal phantoms with spleen labels (not patient data)",
+        "description": "Synthetic CT-like abdominal images with spleen labels (not patient data): phantoms"
+        + (" and CT painted on deformed real label maps" if labelmap_cases else ""),
         "reference": "spleen_utils.synthetic; layout of the Medical Segmentation Decathlon Task09 Spleen",
-        "licence": "CC0 1.0 (generated data)",
+        "licence": "CC0 1.0 (generated data)" + ("; label-map cases derive from CC BY 4.0 / Apache-2.0 label maps, "
+                                                 "see spleen_utils/samples/README.md" if labelmap_cases else ""),
         "release": f"{GENERATOR} v{VERSION}",
         "tensorImageSize": "3D",
         "modality": {"0": "CT"},
         "labels": {"0": "background", "1": "spleen"},
-        "numTraining": cases,
+        "numTraining": n_train,
         "numTest": test_cases,
-        "training": [
-            {"image": f"./imagesTr/spleen_{i}.nii.gz", "label": f"./labelsTr/spleen_{i}.nii.gz"} for i in range(1, cases + 1)
-        ],
-        "test": [f"./imagesTs/spleen_{i}.nii.gz" for i in range(cases + 1, cases + test_cases + 1)],
-        "synthetic": _record(seed, cases, test_cases),
+        "training": entries,
+        "test": [f"./imagesTs/spleen_{i}.nii.gz" for i in range(n_train + 1, n_train + test_cases + 1)],
+        "synthetic": _record(seed, cases, test_cases, labelmap_cases, val_per_source),
     }
 
 
@@ -770,6 +815,8 @@ def write_synthetic_dataset(
     seed: int = 0,
     name: str = "Synthetic_Spleen",
     progress: bool = True,
+    labelmap_cases: int = 0,
+    val_per_source: int = 0,
 ) -> Path:
     """Write root/name/ in MSD layout; returns that folder.
 
@@ -789,7 +836,7 @@ def write_synthetic_dataset(
         raise DataError(f"{name!r} is not a folder name.")
     root = Path(root)
     target = root / name
-    record = _record(seed, cases, test_cases)
+    record = _record(seed, cases, test_cases, labelmap_cases, val_per_source)
     if _complete(target, record):
         return target
     if target.exists():
@@ -804,22 +851,38 @@ def write_synthetic_dataset(
     _remove_stale_partials(root, name)
     partial = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=root))
     try:
-        for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        tissues = bool(labelmap_cases or val_per_source)
+        for sub in ("imagesTr", "labelsTr", "imagesTs") + (("tissuesTr",) if tissues else ()):
             (partial / sub).mkdir()
-        hdr = _nifti_header()
-        indices = range(1, cases + test_cases + 1)
+        maps = _label_map_sources() if labelmap_cases else []
+        plan = case_plan(cases, [m.name for m in maps], labelmap_cases, val_per_source) if tissues else None
+        n_train = len(plan) if plan else cases
+        sources = dict((i, src) for i, src, _ in plan) if plan else {}
+        jobs = [(i, sources.get(i, "phantom"), case_seed(seed, i), str(partial), i <= n_train, tissues)
+                for i in range(1, n_train + test_cases + 1)]
+        workers = max(1, min(os.cpu_count() or 1, 4, len(jobs) // 4))
+        bar = None
         if progress:
             from tqdm import tqdm
 
-            indices = tqdm(indices, desc=f"synthetic {name}", unit="case")
-        for i in indices:
-            image, label, affine = make_phantom(case_seed(seed, i))
-            if i <= cases:
-                save_nifti(image, affine, partial / "imagesTr" / f"spleen_{i}.nii.gz", header=hdr)
-                save_nifti(label, affine, partial / "labelsTr" / f"spleen_{i}.nii.gz", header=hdr)
-            else:
-                save_nifti(image, affine, partial / "imagesTs" / f"spleen_{i}.nii.gz", header=hdr)
-        meta = dataset_json(name, cases, test_cases, seed)
+            bar = tqdm(total=len(jobs), desc=f"synthetic {name}", unit="case")
+        if workers > 1:  # cases are independent and deterministic per seed: any order, same files
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
+                for _ in pool.map(_write_case, jobs):
+                    if bar is not None:
+                        bar.update()
+        else:
+            for job in jobs:
+                _write_case(job)
+                if bar is not None:
+                    bar.update()
+        if bar is not None:
+            bar.close()
+        meta = dataset_json(name, cases, test_cases, seed, plan, labelmap_cases, val_per_source)
         (partial / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
         _make_readable(partial)
         _swap_into_place(partial, target, record)
@@ -827,6 +890,52 @@ def write_synthetic_dataset(
         if partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
     return target
+
+
+def _label_map_sources() -> list:
+    """The real label maps shipped with the package (:func:`spleen_utils.samples.label_maps`)."""
+    from .samples import label_maps
+
+    return label_maps()
+
+
+#: label-map anatomies loaded in this process (each is read and resampled once per process)
+_ANATOMIES: dict[str, Any] = {}
+
+
+def _labelmap_case(name: str, seed: int) -> Phantom:
+    """Case ``seed`` from the shipped label map ``name``."""
+    from . import labelmaps
+
+    if name not in _ANATOMIES:
+        m = next(m for m in _label_map_sources() if m.name == name)
+        _ANATOMIES[name] = labelmaps.resample_nearest(labelmaps.load_anatomy(m.path, m.labels, m.scheme, m.name))
+    return labelmaps.make_case(_ANATOMIES[name], seed)
+
+
+def _worker_init() -> None:
+    try:  # one thread per worker process: the workers already use every core
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
+
+def _write_case(job: tuple) -> int:
+    """Generate case ``i`` of a set and write its files into the partial folder."""
+    i, source, seed, folder, training, tissues = job
+    folder = Path(folder)
+    case = generate_case(seed) if source == "phantom" else _labelmap_case(source.split(":", 1)[1], seed)
+    hdr = _nifti_header()
+    if training:
+        save_nifti(case.image, case.affine, folder / "imagesTr" / f"spleen_{i}.nii.gz", header=hdr)
+        save_nifti(case.label, case.affine, folder / "labelsTr" / f"spleen_{i}.nii.gz", header=hdr)
+        if tissues:
+            save_nifti(case.tissues, case.affine, folder / "tissuesTr" / f"spleen_{i}.nii.gz", header=hdr)
+    else:
+        save_nifti(case.image, case.affine, folder / "imagesTs" / f"spleen_{i}.nii.gz", header=hdr)
+    return i
 
 
 def _make_readable(folder: Path) -> None:
@@ -858,3 +967,10 @@ def _swap_into_place(partial: Path, target: Path, record: dict) -> None:
     finally:
         if old is not None and old.exists():
             shutil.rmtree(old, ignore_errors=True)
+
+
+def write_profile_dataset(cfg, progress: bool = True) -> Path:
+    """The generated set a :class:`spleen_utils.config.Config` trains on (idempotent, see above)."""
+    return write_synthetic_dataset(cfg.data_root, cases=cfg.synthetic_cases, test_cases=cfg.synthetic_test_cases,
+                                   seed=cfg.seed, name=cfg.dataset, progress=progress,
+                                   labelmap_cases=cfg.labelmap_cases, val_per_source=cfg.val_per_source)

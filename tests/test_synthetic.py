@@ -276,3 +276,36 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="coarser"):
         make_phantom(0, spacing=(0.1, 0.1, 0.1))
     assert not Path("unused").exists()
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> Path:
+    """The quick profile's kind of set: phantoms and label-map cases, tissue maps, folds."""
+    root = tmp_path_factory.mktemp("mixed")
+    return write_synthetic_dataset(root, cases=2, test_cases=1, seed=SEED, name="Mixed", progress=False,
+                                   labelmap_cases=1, val_per_source=1)
+
+
+def test_mixed_set_has_tissue_maps_sources_and_folds(mixed):
+    from spleen_utils.data import load_datalist, split_datalist
+    from spleen_utils.samples import label_maps
+
+    meta = json.loads((mixed / "dataset.json").read_text())
+    maps = [m.name for m in label_maps()]
+    assert [e["source"] for e in meta["training"]] == ["phantom", "phantom"] + [f"labelmap:{m}" for m in maps]
+    # the last case of each source validates: one phantom, and every single label-map case
+    assert [e["fold"] for e in meta["training"]] == ["training", "validation"] + ["validation"] * len(maps)
+    assert meta["synthetic"]["labelmap_cases"] == 1 and meta["synthetic"]["val_per_source"] == 1
+    items = load_datalist(mixed)
+    for item in items:
+        img, lab, tis = (nib.load(item[k]) for k in ("image", "label", "tissue"))
+        assert img.shape == lab.shape == tis.shape and np.allclose(img.affine, tis.affine)
+        t, y = np.asarray(tis.dataobj), np.asarray(lab.dataobj)
+        assert np.array_equal(y, (t == Tissue.SPLEEN).astype(y.dtype)) and y.any()
+    train, val = split_datalist(items, val_cases=99)  # folds win over the count rule
+    assert len(train) == 1 and len(val) == 1 + len(maps)
+    # idempotent: the same request finds the set complete and writes nothing
+    before = (mixed / "dataset.json").stat().st_mtime_ns
+    write_synthetic_dataset(mixed.parent, cases=2, test_cases=1, seed=SEED, name="Mixed", progress=False,
+                            labelmap_cases=1, val_per_source=1)
+    assert (mixed / "dataset.json").stat().st_mtime_ns == before
