@@ -39,14 +39,24 @@ def cmd_data_download(a: argparse.Namespace) -> int:
 
 
 def cmd_data_synthetic(a: argparse.Namespace) -> int:
-    from .synthetic import write_synthetic_dataset
+    from .config import get_config
+    from .synthetic import write_profile_dataset
 
-    path = write_synthetic_dataset(a.root, cases=a.cases, test_cases=a.test_cases, seed=a.seed, progress=not a.quiet)
-    print(f"synthetic dataset ({a.cases} training + {a.test_cases} test cases, seed {a.seed}) is ready in {path}")
+    cfg = get_config("quick", data_root=Path(a.root), synthetic_cases=a.cases, synthetic_test_cases=a.test_cases,
+                     labelmap_cases=a.labelmap_cases, seed=a.seed)
+    path = write_profile_dataset(cfg, progress=not a.quiet)
+    print(f"synthetic dataset ({cfg.synthetic_cases} phantoms + {cfg.labelmap_cases} cases per real label map, "
+          f"{cfg.synthetic_test_cases} test cases, seed {cfg.seed}) is ready in {path}")
     return 0
 
 
 # ---------------------------------------------------------------- train
+def _csv_names(text: str) -> tuple[str, ...]:
+    """``a,b`` -> ("a", "b"); ``none`` (or an empty string) -> ()."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    return () if names in ((), ("none",)) else names
+
+
 def config_from_args(a: argparse.Namespace):
     from .config import get_config
 
@@ -65,6 +75,11 @@ def config_from_args(a: argparse.Namespace):
         num_samples=a.num_samples,
         sw_roi=a.sw_roi,
         pixdim=a.pixdim,
+        appearance_prob=a.appearance_prob,
+        select_on=a.select_on,
+        train_sources=a.train_sources,
+        real_train=a.real_train,
+        real_val=a.real_val,
     )
     if a.no_amp:
         over["amp"] = False
@@ -78,14 +93,13 @@ def config_from_args(a: argparse.Namespace):
 
 def ensure_dataset(cfg, progress: bool = True) -> None:
     """The quick profile makes its synthetic set on first use; MSD must be downloaded."""
-    if (cfg.dataset_dir / "dataset.json").exists():
-        return
     if cfg.dataset.startswith("Synthetic"):
-        from .synthetic import write_synthetic_dataset
+        from .synthetic import write_profile_dataset
 
-        print(f"{cfg.dataset_dir} does not exist yet: generating the synthetic dataset first.", file=sys.stderr)
-        write_synthetic_dataset(cfg.data_root, cases=cfg.synthetic_cases, test_cases=cfg.synthetic_test_cases, seed=cfg.seed, name=cfg.dataset, progress=progress)
-    else:
+        if not (cfg.dataset_dir / "dataset.json").exists():
+            print(f"{cfg.dataset_dir} does not exist yet: generating the synthetic dataset first.", file=sys.stderr)
+        write_profile_dataset(cfg, progress=progress)  # nothing to do when the same set is there
+    elif not (cfg.dataset_dir / "dataset.json").exists():
         raise SpleenError(f"{cfg.dataset_dir}: no dataset here; run `spleen-seg data download --root {cfg.data_root}` first.")
 
 
@@ -150,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     dl.set_defaults(func=cmd_data_download)
     sy = dsub.add_parser("synthetic", help="write a synthetic CT dataset in the MSD layout (the quick profile's)")
     sy.add_argument("--root", default="data", help="folder that receives Synthetic_Spleen/ (default: data)")
-    sy.add_argument("--cases", type=int, default=12, help="training cases (default: 12)")
-    sy.add_argument("--test-cases", type=int, default=3, help="test cases (default: 3)")
+    sy.add_argument("--cases", type=int, help="phantom training cases (default: the quick profile's)")
+    sy.add_argument("--labelmap-cases", type=int, help="cases painted on each shipped real label map (default: the quick profile's)")
+    sy.add_argument("--test-cases", type=int, help="test cases (default: the quick profile's)")
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument("--quiet", action="store_true", help="no progress bar")
     sy.set_defaults(func=cmd_data_synthetic)
@@ -176,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-workers", type=int)
     t.add_argument("--seed", type=int)
     t.add_argument("--no-amp", action="store_true", help="train in fp32")
+    t.add_argument("--train-sources", type=_csv_names, help="sources of the generated set that train: phantom,labelmap (default: both)")
+    t.add_argument("--real-train", type=_csv_names, help="shipped real scans that train, e.g. totalseg_ct_3mm ('none': no real scan)")
+    t.add_argument("--real-val", type=_csv_names, help="shipped real scans validated at every validation ('none': none)")
+    t.add_argument("--appearance-prob", type=float, help="share of training crops repainted with a random CT appearance (0: no augmentation)")
+    t.add_argument("--select-on", choices=["generated", "all"], help="validation cases that choose the best checkpoint (default: generated)")
     t.add_argument("--max-minutes", type=float, help="stop (after validating) once this much training time has passed")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
@@ -206,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: modules whose ``register(subparsers)`` adds their sub-commands (deployment, service, reproduction);
 #: keep their top-level imports light: ``spleen-seg --help`` imports them all
-EXTENSION_MODULES: list[str] = ["spleen_utils.service", "spleen_utils.reproduce", "spleen_utils.deploy_cli"]
+EXTENSION_MODULES: list[str] = ["spleen_utils.service", "spleen_utils.reproduce", "spleen_utils.deploy_cli", "spleen_utils.ablation"]
 
 
 def main(argv: list[str] | None = None) -> int:

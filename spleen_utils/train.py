@@ -101,8 +101,18 @@ def _plain(x, device) -> torch.Tensor:
     return (x.as_tensor() if hasattr(x, "as_tensor") else x).to(device, non_blocking=True)
 
 
-def validate(model, loader, cfg: Config, device, autocast) -> float:
-    """Mean Dice (spleen channel) over ``loader`` with the recipe's sliding window."""
+def source_group(item: dict) -> str:
+    """The group a validation case reports under: ``phantom``, ``labelmap`` or ``real:<name>``."""
+    source = str(item.get("source", "validation"))
+    return source if source.startswith("real:") else source.split(":", 1)[0]
+
+
+def validate(model, loader, cfg: Config, device, autocast) -> tuple[float, dict[str, float]]:
+    """Validation Dice (spleen channel) with the recipe's sliding window.
+
+    Returns the selection metric (the mean over the cases ``cfg.select_on`` names) and the mean
+    Dice per source group.
+    """
     from monai.data import decollate_batch
     from monai.inferers import sliding_window_inference
     from monai.metrics import DiceMetric
@@ -111,7 +121,9 @@ def validate(model, loader, cfg: Config, device, autocast) -> float:
     r = cfg.recipe
     n = len(r.labels)
     post_pred, post_label = AsDiscrete(argmax=True, to_onehot=n), AsDiscrete(to_onehot=n)
-    metric = DiceMetric(include_background=False, reduction="mean")
+    metric = DiceMetric(include_background=False, reduction="none")
+    groups: dict[str, list[float]] = {}
+    selected: list[float] = []
     model.eval()
     with torch.no_grad(), autocast():
         for batch in loader:
@@ -119,10 +131,45 @@ def validate(model, loader, cfg: Config, device, autocast) -> float:
             out = sliding_window_inference(image, r.sw_roi, r.sw_batch_size, model, overlap=r.overlap)
             preds = [post_pred(o.float()) for o in decollate_batch(out)]
             labels = [post_label(y) for y in decollate_batch(label)]
-            metric(y_pred=preds, y=labels)
-    value = float(metric.aggregate().item())
+            scores = metric(y_pred=preds, y=labels).reshape(-1).tolist()
+            sources = batch.get("source", ["validation"] * len(scores))
+            for src, score in zip(sources, scores):
+                group = source_group({"source": src})
+                groups.setdefault(group, []).append(float(score))
+                if cfg.select_on == "all" or not group.startswith("real:"):
+                    selected.append(float(score))
     metric.reset()
-    return value
+    by_source = {g: sum(v) / len(v) for g, v in sorted(groups.items())}
+    value = sum(selected) / len(selected) if selected else float("nan")
+    return value, by_source
+
+
+def real_items(names: tuple[str, ...] | list[str], repeats: int = 1) -> list[dict]:
+    """Datalist entries of real scans shipped in :mod:`spleen_utils.samples`."""
+    from .samples import real_case
+
+    items = []
+    for name in names:
+        case = real_case(name)
+        items += [{"image": str(case.image), "label": str(case.label), "source": f"real:{name}"}] * max(int(repeats), 1)
+    return items
+
+
+def datalists(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """The training and validation entries of ``cfg``: its dataset's split plus the real samples it names."""
+    items = load_datalist(cfg.dataset_dir, "training")
+    train_items, val_items = split_datalist(items, cfg.val_cases, cfg.max_cases)
+    train_items = [i for i in train_items if "source" not in i or i["source"].split(":", 1)[0] in cfg.train_sources]
+    if not train_items and not cfg.real_train:
+        raise SpleenError(f"no training case left: the dataset has none from the sources {list(cfg.train_sources)}.")
+    return train_items + real_items(cfg.real_train, cfg.real_repeats), val_items + real_items(cfg.real_val)
+
+
+def count_sources(items: list[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for i in items:
+        out[str(i.get("source", "dataset"))] = out.get(str(i.get("source", "dataset")), 0) + 1
+    return out
 
 
 def _read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
@@ -168,28 +215,38 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
 
     device = resolve_device(cfg.device)
     set_determinism(seed=cfg.seed)
-    items = load_datalist(cfg.dataset_dir, "training")
-    train_items, val_items = split_datalist(items, cfg.val_cases, cfg.max_cases)
+    train_items, val_items = datalists(cfg)
     r = cfg.recipe
 
-    train_ds = CacheDataset(train_items, train_transforms(r), cache_rate=cfg.cache_rate, num_workers=cfg.num_workers or None, progress=progress)
-    val_ds = CacheDataset(val_items, val_transforms(r), cache_rate=cfg.cache_rate, num_workers=cfg.num_workers or None, progress=progress)
+    # the loaders see files only (plus each validation case's source): mixed text keys do not collate
+    files = ("image", "label", "tissue")
+    train_ds = CacheDataset([{k: v for k, v in i.items() if k in files} for i in train_items], train_transforms(r, cfg.appearance_prob, cfg.wild), cache_rate=cfg.cache_rate, num_workers=cfg.num_workers or None, progress=progress)
+    val_ds = CacheDataset([{"image": i["image"], "label": i["label"], "source": i.get("source", "validation")} for i in val_items],
+                          val_transforms(r), cache_rate=cfg.cache_rate, num_workers=cfg.num_workers or None, progress=progress)
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers)
     val_loader = DataLoader(val_ds, batch_size=1, num_workers=cfg.num_workers)
 
-    model = build_network(r).to(device)
+    # channels-last (NDHWC) activations: oneDNN's 3-D convolutions were measured 18% faster per
+    # training step on this CPU (0.64 vs 0.78 s for four 64^3 crops), cuDNN's too with AMP
+    model = build_network(r).to(device, memory_format=torch.channels_last_3d)
     loss_fn = DiceLoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.Adam(model.parameters(), r.learning_rate)
     autocast, precision = amp_context(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    schedule = None
+    if cfg.lr_schedule == "cosine":
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=r.learning_rate * 0.02)
 
-    start_epoch, best, best_epoch, elapsed_before = 1, -1.0, 0, 0.0
+    start_epoch, best, best_epoch, elapsed_before, best_by_source = 1, -1.0, 0, 0.0, {}
     if resume:
         state = torch.load(last_path, map_location=device, weights_only=True)
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
+        if schedule is not None and state.get("schedule"):
+            schedule.load_state_dict(state["schedule"])
         start_epoch, best, best_epoch = state["epoch"] + 1, state["best_metric"], state["best_epoch"]
+        best_by_source = json.loads(state.get("best_by_source", "{}"))
         elapsed_before = state.get("train_seconds", 0.0)
         torch.set_rng_state(state["torch_rng"])
         history = _read_metrics(metrics_path, state["epoch"])
@@ -204,6 +261,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
         "git_revision": git_revision(),
         "hardware": hardware(device),
         "split": {"train": [Path(i["image"]).name for i in train_items], "val": [Path(i["image"]).name for i in val_items]},
+        "sources": {"train": count_sources(train_items), "val": count_sources(val_items)},
+        "selection": "best checkpoint by mean validation Dice over "
+        + ("all validation cases, real ones included" if cfg.select_on == "all" else "the generated validation cases (real held-out scans are not used)"),
         "data_md5": dataset_checksums(train_items + val_items),
         "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "resumed_at_epoch": start_epoch if resume else None,
@@ -213,28 +273,40 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
 
     t_train = time.time()
     epoch = start_epoch - 1
+    skipped_total = int(state.get("skipped_steps", 0)) if resume else 0
     bar = tqdm(range(start_epoch, cfg.epochs + 1), desc="train", unit="epoch", disable=not progress, initial=start_epoch - 1, total=cfg.epochs)
     for epoch in bar:
         t_epoch = time.time()
         model.train()
-        losses = []
+        losses, skipped = [], 0
         for batch in train_loader:
             # plain tensors in the hot loop: MetaTensor bookkeeping on every op costs time
             image, label = _plain(batch["image"], device), _plain(batch["label"], device)
+            image = image.contiguous(memory_format=torch.channels_last_3d)
             optimizer.zero_grad(set_to_none=True)
             with autocast():
-                loss = loss_fn(model(image), label)
+                logits = model(image)
+            # the loss in fp32, outside autocast: a bf16/fp16 softmax and Dice sum can overflow
+            loss = loss_fn(logits.float(), label)
+            if not torch.isfinite(loss):
+                skipped += 1  # a non-finite step is skipped, not applied, and counted
+                continue
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             losses.append(loss.item())
-        row: dict[str, Any] = {"epoch": epoch, "loss": sum(losses) / len(losses), "val_dice": None}
+        row: dict[str, Any] = {"epoch": epoch, "loss": sum(losses) / len(losses) if losses else None, "val_dice": None,
+                               "skipped_steps": skipped, "lr": optimizer.param_groups[0]["lr"]}
+        if schedule is not None:
+            schedule.step()
+        skipped_total += skipped
         out_of_time = max_seconds is not None and elapsed_before + time.time() - t_train >= max_seconds
         if epoch % cfg.val_interval == 0 or epoch == cfg.epochs or out_of_time:
-            dice = validate(model, val_loader, cfg, device, autocast)
+            dice, by_source = validate(model, val_loader, cfg, device, autocast)
             row["val_dice"] = dice
+            row["val_dice_by_source"] = by_source
             if dice > best:
-                best, best_epoch = dice, epoch
+                best, best_epoch, best_by_source = dice, epoch, by_source
                 save_checkpoint(model, r, out / "best_model.pt", epoch=epoch, best_metric=dice, profile=cfg.profile)
         row["seconds"] = time.time() - t_epoch
         row["elapsed_s"] = elapsed_before + time.time() - t_train
@@ -245,9 +317,12 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
                 "state_dict": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
+                "schedule": schedule.state_dict() if schedule is not None else None,
                 "epoch": epoch,
                 "best_metric": best,
                 "best_epoch": best_epoch,
+                "best_by_source": json.dumps(best_by_source),
+                "skipped_steps": skipped_total,
                 "train_seconds": row["elapsed_s"],
                 "torch_rng": torch.get_rng_state(),
             },
@@ -255,7 +330,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
         )
         if wb is not None:
             wb.log({k: v for k, v in row.items() if v is not None}, step=epoch)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", best_dice=f"{best:.3f}")
+        bar.set_postfix(loss=f"{row['loss']:.3f}" if row["loss"] is not None else "nan", best_dice=f"{best:.3f}")
         if out_of_time:
             break
     bar.close()
@@ -267,6 +342,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
         "profile": cfg.profile,
         "best_val_dice": best,
         "best_epoch": best_epoch,
+        "best_val_dice_by_source": best_by_source,
+        "selection": run_info["selection"],
+        "skipped_steps": skipped_total,
         "epochs": epoch,
         "epochs_planned": cfg.epochs,
         "train_seconds": round(train_seconds, 1),
@@ -276,6 +354,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
         "n_val": len(val_items),
         "dataset": cfg.dataset,
         "synthetic": cfg.dataset.startswith("Synthetic"),
+        "real_train": list(cfg.real_train),
+        "real_val": list(cfg.real_val),
     }
     _write_json(out / "summary.json", summary)
     run_info["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

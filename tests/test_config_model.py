@@ -64,3 +64,22 @@ def test_bad_checkpoints(tmp_path):
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(SpleenError, match="not a spleen_utils checkpoint"):
         read_checkpoint(tmp_path / "other.pt")
+
+
+def test_full_profile_trains_the_recipe_on_msd_alone_and_quick_adds_real_anatomy():
+
+    full, quick = get_config("full"), get_config("quick")
+    # full: MSD only, the recipe's constant learning rate, no generated data, no shipped scans
+    assert full.lr_schedule == "constant" and full.appearance_prob == 0 and full.labelmap_cases == 0
+    assert full.real_train == () and full.real_val == ()
+    # quick: label-map cases, appearance randomisation, one real scan trained and one held out
+    assert quick.labelmap_cases > 0 and 0 < quick.appearance_prob <= 1 and quick.lr_schedule == "cosine"
+    assert quick.real_train == ("msd_spleen_8",) and quick.real_val == ("totalseg_ct_3mm",)
+    assert not set(quick.real_train) & set(quick.real_val)  # the held-out scan never trains
+    assert "ircad_1" not in quick.real_train + quick.real_val  # validation-only data never touches training
+    assert quick.select_on == "generated"
+    with pytest.raises(SpleenError, match="select_on"):
+        get_config("quick", select_on="real")
+    with pytest.raises(SpleenError, match="lr_schedule"):
+        get_config("quick", lr_schedule="step")
+    assert get_config("quick", real_train=[]).real_train == ()

@@ -1,0 +1,157 @@
+"""What each ingredient of the quick profile's data adds on real CT: an ablation, one command.
+
+Four trainings of the ``quick`` profile, each adding one ingredient, with the same number of
+optimizer steps (so that a smaller training set is not also a shorter training):
+
+1. ``phantoms``: the drawn phantoms alone, no augmentation (the profile before real anatomy);
+2. ``+ appearance``: the same phantoms, every patch repainted with a random CT appearance;
+3. ``+ label maps``: plus CT painted on the deformed anatomy of four real people;
+4. ``+ real scan``: plus one real scan (``msd_spleen_8``): the ``quick`` profile itself.
+
+Every model is then scored on the real scans at their own resolution (the shipped ones, and
+``ircad_1`` when it is on this machine: never trained on). The record (``--out``, JSON) holds
+for every step the exact ``spleen-seg train`` command that reproduces it, its run's summary and
+the Dice per real scan, with the date and the machine. Run: ``spleen-seg ablation``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import PROJECT_ROOT, Config, get_config
+
+#: (name, what it adds, overrides of the quick profile)
+STEPS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("phantoms", "phantoms only, no augmentation", dict(train_sources=("phantom",), appearance_prob=0.0, real_train=())),
+    ("+ appearance", "+ randomised CT appearance", dict(train_sources=("phantom",), real_train=())),
+    ("+ label maps", "+ real anatomy (label maps)", dict(real_train=())),
+    ("+ real scan", "+ one real scan (the quick profile)", {}),
+)
+DEFAULT_RECORD = PROJECT_ROOT / "book" / "records" / "ablation.json"
+
+
+def _steps_per_epoch(cfg: Config) -> int:
+    from .train import datalists
+
+    train_items, _ = datalists(cfg)
+    return math.ceil(len(train_items) / cfg.batch_size)
+
+
+def step_configs(root: Path | None = None) -> list[tuple[str, str, Config, list[str]]]:
+    """Each step's configuration (epochs scaled to the quick profile's number of optimizer steps)
+    and the command line that trains it."""
+    quick = get_config("quick")
+    root = Path(root) if root else PROJECT_ROOT / "outputs" / "runs" / "ablation"
+    budget = quick.epochs * _steps_per_epoch(quick)
+    out = []
+    for k, (name, what, over) in enumerate(STEPS, start=1):
+        last = k == len(STEPS)
+        folder = quick.out_dir if last else root / f"{k}-{name.strip('+ ').replace(' ', '-')}"
+        cfg = get_config("quick", out_dir=folder, **over)
+        epochs = budget // _steps_per_epoch(cfg)
+        # as many validations as the quick profile makes, whatever the epochs
+        val_interval = max(1, round(quick.val_interval * epochs / quick.epochs))
+        cfg = get_config("quick", out_dir=folder, epochs=epochs, val_interval=val_interval, **over)
+        cmd = ["spleen-seg", "train", "--profile", "quick"]
+        if not last:
+            cmd += ["--out", str(Path(folder).relative_to(PROJECT_ROOT)) if Path(folder).is_relative_to(PROJECT_ROOT) else str(folder)]
+        if epochs != quick.epochs:
+            cmd += ["--epochs", str(epochs), "--val-interval", str(val_interval)]
+        if "train_sources" in over:
+            cmd += ["--train-sources", ",".join(over["train_sources"])]
+        if "appearance_prob" in over:
+            cmd += ["--appearance-prob", str(over["appearance_prob"])]
+        if "real_train" in over:
+            cmd += ["--real-train", ",".join(over["real_train"]) or "none"]
+        out.append((name, what, cfg, cmd))
+    return out
+
+
+def run_ablation(record: Path = DEFAULT_RECORD, root: Path | None = None, progress: bool = True, log=print) -> dict[str, Any]:
+    """Train (or reuse) every step, score each on the real scans, write and return the record."""
+    from .infer import Predictor
+    import torch
+
+    from .train import hardware
+    from .reproduce import evaluate_items, predict_items, prepare_dataset, real_cases, real_role, train_or_reuse
+
+    steps = step_configs(root)
+    log(prepare_dataset(steps[0][2], progress=progress))
+    items, why = real_cases(validation=True)
+    log(why)
+    rows: list[dict[str, Any]] = [{}] * len(steps)
+    # the quick profile first: it is the product (and `make reproduce` reuses its run)
+    order = [len(steps)] + list(range(1, len(steps)))
+    for k in order:
+        name, what, cfg, cmd = steps[k - 1]
+        log(f"[{k}/{len(steps)}] {what}: {shlex.join(cmd)}")
+        t0 = time.perf_counter()
+        summary, status = train_or_reuse(cfg, progress=progress)
+        log(f"  {status}")
+        predictor = Predictor.from_path(Path(cfg.out_dir) / "best_model.pt", backend="torch", device="cpu", precision="fp32")
+        recs = predict_items(predictor, items, Path(cfg.out_dir) / "predictions" / "real")
+        ev = evaluate_items(recs, items, Path(cfg.out_dir) / "eval" / "real.json")
+        real = {c["name"]: {"dice": round(c["dice"], 4), "role": real_role(i, cfg), "label_source": i.get("label_source")}
+                for c, i in zip(ev["cases"], items)}
+        log("  real CT Dice: " + ", ".join(f"{n} {v['dice']:.3f}" for n, v in real.items()))
+        rows[k - 1] = ({"step": name, "adds": what, "command": shlex.join(cmd), "epochs": cfg.epochs,
+                     "optimizer_steps": cfg.epochs * _steps_per_epoch(cfg), "train_seconds": summary.get("train_seconds"),
+                     "best_val_dice": summary.get("best_val_dice"), "best_val_dice_by_source": summary.get("best_val_dice_by_source"),
+                     "real": real, "seconds": round(time.perf_counter() - t0, 1)})
+    out = {"what": "quick-profile ablation: real-CT Dice as the training data gain one ingredient at a time",
+           "command": "spleen-seg ablation", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "hardware": hardware(torch.device("cpu")), "steps": rows}
+    record = Path(record)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(out, indent=2) + "\n")
+    log(f"record: {record}")
+    return out
+
+
+def table(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows for the book: one per step, a column per real scan."""
+    rows = []
+    for s in record["steps"]:
+        row = {"step": s["adds"], "epochs": s["epochs"], "steps": s["optimizer_steps"],
+               "generated val Dice": s["best_val_dice"]}
+        for name, v in s["real"].items():
+            row[f"{name} Dice"] = v["dice"]
+        rows.append(row)
+    return rows
+
+
+def markdown(path: Path = DEFAULT_RECORD) -> str:
+    """The book's ablation section: the table, where and when it was measured, the commands."""
+    from .viz import markdown_table
+
+    path = Path(path)
+    if not path.exists():
+        return f"*The ablation has not been run here (no `{path.name}`): `spleen-seg ablation` runs it (about 40 min on 2 CPU cores).*"
+    record = json.loads(path.read_text())
+    hw = record.get("hardware") or {}
+    roles = "; ".join(f"`{n}`: {v['role']}, {v['label_source']} label" for n, v in record["steps"][-1]["real"].items())
+    lines = [markdown_table(table(record), floatfmt=".3f"), "",
+             f"Measured on {record['date'][:10]} on {hw.get('cpu', '?')} ({hw.get('cpu_count', '?')} cores, CPU only) "
+             f"by `{record['command']}`. The real scans: {roles}. The commands, one per row:", ""]
+    lines += [f"{k}. `{s['command']}`" for k, s in enumerate(record["steps"], start=1)]
+    return "\n".join(lines)
+
+
+def cmd_ablation(a: argparse.Namespace) -> int:
+    run_ablation(Path(a.out), progress=not a.quiet)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("ablation", help="train the quick profile four times, adding one data ingredient each time; real-CT Dice per step",
+                              description=__doc__.split("\n\n")[1] if __doc__ else None)
+    p.add_argument("--out", default=str(DEFAULT_RECORD), help="the JSON record (default: book/records/ablation.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_ablation)
