@@ -45,8 +45,6 @@ BENCH_FORMAT = "spleen_utils.bench/1"
 #: the patch timed in (a): the MONAI spleen recipe's training patch, as the MONAI bundle reports it
 DEFAULT_PATCH = (96, 96, 96)
 DEFAULT_MODEL = PROJECT_ROOT / "outputs" / "runs" / "quick" / "best_model.pt"
-#: the real CT fixtures timed end to end, when present (see tests/conftest.py)
-REAL_CASES = ("msd_spleen_8_image.nii.gz", "totalseg_ct_3mm.nii.gz")
 #: vendor peak throughput (dense, TFLOP/s) by GPU name fragment: (fp32, fp16/bf16 tensor cores)
 GPU_PEAK_TFLOPS = {
     "H200": (67.0, 989.0),
@@ -64,15 +62,6 @@ GPU_PEAK_TFLOPS = {
 
 # ----------------------------------------------------------------------------------------------
 # where and when
-
-
-def real_data_dir() -> Path | None:
-    """The real CT fixtures' folder (``$SPLEEN_REAL_DATA`` or ``../shared/data/real``), if present."""
-    env = os.environ.get("SPLEEN_REAL_DATA")
-    for c in ([Path(env)] if env else []) + [PROJECT_ROOT.parent / "shared" / "data" / "real"]:
-        if (c / REAL_CASES[0]).exists() or (c / REAL_CASES[1]).exists():
-            return c
-    return None
 
 
 def hardware_info(device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -648,7 +637,7 @@ def run_benchmark(
     PyTorch's, one per core). On a machine whose cores other processes also use, fewer threads
     than cores can be faster for both: the record says which was used.
 
-    ``images`` default to the real CT fixtures (:data:`REAL_CASES`) when they are here; without
+    ``images`` default to the real CT scans shipped in :mod:`spleen_utils.samples`; without
     images the end-to-end part is skipped with its reason. Without ``onnx_path`` the checkpoint
     is exported to a temporary ONNX file (validated) so that ONNX Runtime has its row.
     """
@@ -709,14 +698,15 @@ def _run_benchmark(
             )
             record["patch"]["onnx_file"] = onnx_note or (str(onnx_path) if onnx_path else None)
         if end_to_end:
-            if images is None:
-                real = real_data_dir()
-                images = [real / c for c in REAL_CASES if (real / c).exists()] if real else []
+            if images is None:  # the real scans shipped with the library (spleen_utils.samples)
+                from .reproduce import real_cases
+
+                images = [Path(c["image"]) for c in real_cases()[0]]
             if images:
                 say("end to end: the tutorial's pipeline against the default path")
                 record["end_to_end"] = bench_end_to_end(model_path, images, str(dev), repeats=repeats, warmup=warmup, progress=progress, window=window, precision=precision)
             else:
-                record["end_to_end"] = {"skipped": "no images: the real CT fixtures were not found (set SPLEEN_REAL_DATA) and none were given"}
+                record["end_to_end"] = {"skipped": "no images were given"}
     record["load_average_1min_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     if json_out is not None:
         write_json(record, json_out)

@@ -114,7 +114,7 @@ def compare_backends(
     a temporary ONNX file (validated) so that ONNX Runtime is compared too. Returns the record
     (:data:`COMPARE_FORMAT`) and writes it to ``json_out`` when given.
     """
-    from .bench import hardware_info, real_data_dir, utc_now, versions, write_json
+    from .bench import hardware_info, utc_now, versions, write_json
     from .config import get_config
     from .io import load_nifti
     from .metrics import dice
@@ -137,13 +137,11 @@ def compare_backends(
             notes.append(f"no dataset: {cfg.dataset_dir} does not exist and --data was not given")
     if data_dir is not None:
         cases += validation_cases(data_dir, val_cases or cfg.val_cases)
-    if real_dir is False:
-        real_dir = None
-    elif real_dir is None:
-        real_dir = real_data_dir()
-        if real_dir is None:
-            notes.append("the real CT fixtures were not found (set SPLEEN_REAL_DATA or pass --real)")
-    if real_dir is not None:
+    if real_dir is None:  # the real scans shipped with the library (spleen_utils.samples)
+        from .reproduce import real_cases as shipped_cases
+
+        cases += [{"name": c["name"], "image": c["image"], "label": c["label"], "source": "real"} for c in shipped_cases()[0]]
+    elif real_dir is not False:
         cases += real_cases(real_dir)
     if not cases:
         raise SpleenError("nothing to compare on: give a dataset (--data) or the real CT fixtures (--real).")

@@ -307,6 +307,95 @@ def hu_histogram_figure(hist: dict[str, np.ndarray], hu_window: Sequence[float] 
     return fig
 
 
+#: the organs whose Hounsfield units the real-vs-generated figure compares
+ORGANS = ("spleen", "liver", "kidney")
+
+
+def organ_masks(item: dict[str, str]) -> dict[str, np.ndarray]:
+    """Masks of :data:`ORGANS` on an item's image grid, from whatever map it has.
+
+    ``tissue`` (a generated case's tissue codes) or ``organs`` (a TotalSegmentator map: spleen 1,
+    kidneys 2 and 3, liver 5) give all three; otherwise the ``label`` gives the spleen only.
+    """
+    from . import appearance as ap
+    from .io import load_nifti
+
+    if item.get("tissue"):
+        t = np.asarray(load_nifti(item["tissue"], what="label", dtype=None).array)
+        return {"spleen": t == ap.SPLEEN, "liver": t == ap.LIVER, "kidney": (t == ap.KIDNEY_CORTEX) | (t == ap.KIDNEY_MEDULLA)}
+    if item.get("organs"):
+        o = np.asarray(load_nifti(item["organs"], what="label", dtype=None).array)
+        return {"spleen": o == 1, "liver": o == 5, "kidney": (o == 2) | (o == 3)}
+    return {"spleen": np.asarray(load_nifti(item["label"], what="label", dtype=None).array) > 0}
+
+
+def organ_hu_histograms(groups: dict[str, Sequence[dict[str, str]]], bins: np.ndarray | None = None) -> dict[str, Any]:
+    """Voxel counts per HU bin of each organ of :data:`ORGANS`, per group of cases."""
+    from .io import load_nifti
+
+    bins = np.arange(-150, 351, 5, dtype=np.float64) if bins is None else np.asarray(bins, dtype=np.float64)
+    out: dict[str, Any] = {"bins": bins, "groups": {}}
+    for group, items in groups.items():
+        counts = {}
+        for item in items:
+            img = np.asarray(load_nifti(item["image"]).array)
+            for organ, mask in organ_masks(item).items():
+                counts[organ] = counts.get(organ, 0) + np.histogram(img[mask], bins=bins)[0]
+        out["groups"][group] = counts
+    return out
+
+
+def organ_hu_figure(hist: dict[str, Any], hu_window: Sequence[float] | None = None, title: str = "") -> Figure:
+    """One panel per organ: the HU distribution of each group of cases (normalised), window shaded."""
+    fig = Figure(figsize=(10, 3.2), layout="constrained")
+    axes = fig.subplots(1, len(ORGANS), sharey=False)
+    bins = hist["bins"]
+    centers = 0.5 * (bins[1:] + bins[:-1])
+    styles = ["-", "--", "-.", ":"]
+    for ax, organ in zip(axes, ORGANS):
+        for k, (group, counts) in enumerate(hist["groups"].items()):
+            c = np.asarray(counts.get(organ, []), dtype=np.float64)
+            if c.size == 0 or c.sum() == 0:
+                continue
+            median = centers[np.searchsorted(np.cumsum(c), c.sum() / 2)]
+            ax.step(centers, c / (c.sum() * np.diff(bins)), where="mid", linestyle=styles[k % len(styles)],
+                    label=f"{group} (median {median:.0f})")
+        if hu_window is not None:
+            ax.axvspan(hu_window[0], hu_window[1], color="#4C72B0", alpha=0.08)
+        ax.set_title(organ, fontsize=10)
+        ax.set_xlabel("Hounsfield units")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("fraction of voxels per HU")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def appearance_gallery(tissue: str | Path, seeds: Sequence[int] = (0, 1, 2, 3), title: str = "",
+                       window: Sequence[float] = DISPLAY_WINDOW) -> Figure:
+    """One axial slice of a generated case's tissue map painted in several random appearances."""
+    from . import appearance as ap
+    from .io import load_nifti
+
+    vol = load_nifti(tissue, what="label", dtype=None)
+    t, spacing = to_lps(np.asarray(vol.array).astype(np.uint8), vol.affine)
+    z = largest_slice(t == ap.SPLEEN, 2)
+    z = t.shape[2] // 2 if z is None else z
+    slab = t[:, :, max(z - 4, 0): z + 5]
+    zz = z - max(z - 4, 0)
+    fig = Figure(figsize=(2.6 * len(seeds), 2.9), layout="constrained")
+    axes = fig.subplots(1, len(seeds), squeeze=False)[0]
+    for ax, seed in zip(axes, seeds):
+        rng = np.random.default_rng(seed)
+        look = ap.draw_appearance(rng)
+        hu = ap.paint(slab, spacing, rng, appearance=look)
+        _draw(ax, _axial(hu, zz), _axial(slab == ap.SPLEEN, zz), None, spacing[1] / spacing[0], window,
+              f"{look['phase']}: spleen {look['mean'][ap.SPLEEN]:.0f} HU")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
 # ---------------------------------------------------------------------------------------------
 # training
 
@@ -329,20 +418,26 @@ def training_curves(metrics: str | Path | Sequence[dict[str, Any]], title: str =
         raise ValueError("no epochs recorded yet")
     fig = Figure(figsize=(9, 3.2), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
-    ax1.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], color="#4C72B0", lw=1.2)
+    ax1.plot([r["epoch"] for r in rows], [np.nan if r["loss"] is None else r["loss"] for r in rows], color="#4C72B0", lw=1.2)
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("Dice loss (training crops)")
     ax1.set_title("training loss", fontsize=10)
     val = [(r["epoch"], r["val_dice"]) for r in rows if r.get("val_dice") is not None]
     if val:
         ep, d = zip(*val)
-        ax2.plot(ep, d, "o-", color=GT_COLOR, ms=4)
+        ax2.plot(ep, d, "o-", color=GT_COLOR, ms=4, label="selection metric")
+        sources = sorted({k for r in rows for k in (r.get("val_dice_by_source") or {})})
+        for k, src in enumerate(sources):  # each source's own mean, real held-out scans included
+            pts = [(r["epoch"], r["val_dice_by_source"][src]) for r in rows if src in (r.get("val_dice_by_source") or {})]
+            ax2.plot(*zip(*pts), ls=("--", ":", "-.")[k % 3], lw=1.1, label=src)
         best = int(np.argmax(d))
         ax2.plot([ep[best]], [d[best]], marker="*", ms=14, color=PRED_COLOR, ls="none", label=f"best {d[best]:.3f} (epoch {ep[best]})")
         ax2.legend(fontsize=8, loc="lower right")
         ax2.set_ylim(0, 1)
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("mean Dice (validation cases)")
+    if len(ax2.get_legend_handles_labels()[0]) > 2:
+        ax2.legend(fontsize=7, loc="lower right")
     ax2.set_title("validation Dice (sliding window)", fontsize=10)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)

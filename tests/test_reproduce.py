@@ -34,9 +34,18 @@ def test_real_cases_pairs_images_with_their_masks(tmp_path):
         _nii(tmp_path / f"{name}.nii.gz", a)
     pairs, why = reproduce.real_cases(tmp_path)
     assert [(p["name"], Path(p["label"]).name) for p in pairs] == [("ct_a", "ct_a_label.nii.gz"), ("ct_b", "ct_b_spleen.nii.gz")]
-    assert why.startswith("2 real CT fixture(s)")
+    assert why.startswith("2 real CT scan(s)")
     pairs, why = reproduce.real_cases(tmp_path / "absent")
-    assert pairs == [] and "not here" in why
+    assert pairs == [] and "not a folder" in why
+
+
+def test_real_cases_default_to_the_shipped_samples_and_add_ircad_only_for_validation(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLEEN_REAL_DATA", str(tmp_path))  # an empty folder: no validation-only scan
+    pairs, why = reproduce.real_cases()
+    assert [p["name"] for p in pairs] == ["msd_spleen_8", "totalseg_ct_3mm"] and all(p["shipped"] for p in pairs)
+    assert all(Path(p["image"]).exists() and Path(p["label"]).exists() for p in pairs)
+    pairs, why = reproduce.real_cases(validation=True)
+    assert [p["name"] for p in pairs] == ["msd_spleen_8", "totalseg_ct_3mm"] and "ircad_1 is not here" in why
 
 
 def test_real_data_dir_follows_the_environment(tmp_path, monkeypatch):
@@ -156,16 +165,24 @@ def test_headline_results_read_the_records(tmp_path, monkeypatch):
     assert rows["training"].startswith("not run")
     (tmp_path / "summary.json").write_text(json.dumps({
         "dataset": "Synthetic_Spleen", "synthetic": True, "n_train": 9, "n_val": 3, "device": "cpu", "precision": "bf16",
-        "epochs": 40, "epochs_planned": 40, "best_val_dice": 0.8766, "best_epoch": 38, "train_seconds": 600}))
+        "epochs": 40, "epochs_planned": 40, "best_val_dice": 0.8766, "best_epoch": 38, "train_seconds": 600,
+        "real_train": ["totalseg_ct_3mm"], "best_val_dice_by_source": {"labelmap": 0.86, "phantom": 0.89}}))
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "validation.json").write_text(json.dumps({"n": 3, "mean_dice": 0.85, "mean_hd95_mm": 4.25, "cases": []}))
+    (tmp_path / "eval" / "real.json").write_text(json.dumps({"n": 2, "cases": [{"name": "totalseg_ct_3mm", "dice": 0.91},
+                                                                                {"name": "ircad_1", "dice": 0.87}]}))
     rows = dict(reproduce.headline_results("quick"))
     assert rows["best validation Dice"].startswith("0.877 at epoch 38")
     assert rows["held-out Dice / HD95"].startswith("0.850 / 4.2 mm")
-    assert rows["data"].startswith("Synthetic_Spleen (synthetic)")
+    assert "per source labelmap 0.860, phantom 0.890" in rows["best validation Dice"]
+    assert rows["data"].startswith("Synthetic_Spleen (synthetic) + real totalseg_ct_3mm")
+    # each real scan says what it was to the model
+    assert rows["real CT Dice (original grid)"] == ("totalseg_ct_3mm 0.910 (trained on), "
+                                                   "ircad_1 0.870 (never trained on (validation only, not shipped))")
     md = reproduce.results_markdown("quick")
     assert md.startswith("| result | value |") and "| best validation Dice | 0.877" in md
-    assert "synthetic" in reproduce.profile_note("quick")
+    note = reproduce.profile_note("quick")
+    assert "**generated** CT" in note and "not a clinical model" in note
 
 
 def test_parse_parameters():
@@ -278,7 +295,7 @@ def test_cli_reports_unknown_notebooks_and_parameters(capsys):
 
 
 def test_prepare_dataset_generates_once_then_finds(tmp_path):
-    cfg = get_config("quick", data_root=tmp_path, synthetic_cases=1, synthetic_test_cases=0)
+    cfg = get_config("quick", data_root=tmp_path, synthetic_cases=1, synthetic_test_cases=0, labelmap_cases=0, val_per_source=0)
     assert reproduce.prepare_dataset(cfg).startswith("generated Synthetic_Spleen")
     assert (cfg.dataset_dir / "dataset.json").exists()
     assert reproduce.prepare_dataset(cfg).startswith("found Synthetic_Spleen")
