@@ -80,6 +80,8 @@ def config_from_args(a: argparse.Namespace):
         train_sources=a.train_sources,
         real_train=a.real_train,
         real_val=a.real_val,
+        real_repeats=a.real_repeats,
+        wild=a.wild,
     )
     if a.no_amp:
         over["amp"] = False
@@ -194,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-sources", type=_csv_names, help="sources of the generated set that train: phantom,labelmap (default: both)")
     t.add_argument("--real-train", type=_csv_names, help="shipped real scans that train, e.g. totalseg_ct_3mm ('none': no real scan)")
     t.add_argument("--real-val", type=_csv_names, help="shipped real scans validated at every validation ('none': none)")
+    t.add_argument("--real-repeats", type=int, help="how often each --real-train scan appears per epoch")
+    t.add_argument("--wild", type=float, help="share of repainted crops whose soft tissues get arbitrary HU (default: 0.25)")
     t.add_argument("--appearance-prob", type=float, help="share of training crops repainted with a random CT appearance (0: no augmentation)")
     t.add_argument("--select-on", choices=["generated", "all"], help="validation cases that choose the best checkpoint (default: generated)")
     t.add_argument("--max-minutes", type=float, help="stop (after validating) once this much training time has passed")

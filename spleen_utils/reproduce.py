@@ -113,8 +113,8 @@ def real_role(case: dict[str, Any], cfg: Config) -> str:
     if name in cfg.real_train:
         return "trained on"
     if name in cfg.real_val:
-        return "held out (validated, never chose the checkpoint)"
-    return "never trained on" + ("" if case.get("shipped", True) else " (validation only, not shipped)")
+        return "held out: validated, never chose the checkpoint"
+    return "never trained on" + ("" if case.get("shipped", True) else ", validation only, not shipped")
 
 
 def prepare_dataset(cfg: Config, progress: bool = False) -> str:

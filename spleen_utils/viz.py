@@ -425,8 +425,8 @@ def training_curves(metrics: str | Path | Sequence[dict[str, Any]], title: str =
     val = [(r["epoch"], r["val_dice"]) for r in rows if r.get("val_dice") is not None]
     if val:
         ep, d = zip(*val)
-        ax2.plot(ep, d, "o-", color=GT_COLOR, ms=4, label="selection metric")
         sources = sorted({k for r in rows for k in (r.get("val_dice_by_source") or {})})
+        ax2.plot(ep, d, "o-", color=GT_COLOR, ms=4, label="selection metric" if sources else None)
         for k, src in enumerate(sources):  # each source's own mean, real held-out scans included
             pts = [(r["epoch"], r["val_dice_by_source"][src]) for r in rows if src in (r.get("val_dice_by_source") or {})]
             ax2.plot(*zip(*pts), ls=("--", ":", "-.")[k % 3], lw=1.1, label=src)

@@ -166,19 +166,21 @@ def test_headline_results_read_the_records(tmp_path, monkeypatch):
     (tmp_path / "summary.json").write_text(json.dumps({
         "dataset": "Synthetic_Spleen", "synthetic": True, "n_train": 9, "n_val": 3, "device": "cpu", "precision": "bf16",
         "epochs": 40, "epochs_planned": 40, "best_val_dice": 0.8766, "best_epoch": 38, "train_seconds": 600,
-        "real_train": ["totalseg_ct_3mm"], "best_val_dice_by_source": {"labelmap": 0.86, "phantom": 0.89}}))
+        "real_train": ["msd_spleen_8"], "best_val_dice_by_source": {"labelmap": 0.86, "phantom": 0.89}}))
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "validation.json").write_text(json.dumps({"n": 3, "mean_dice": 0.85, "mean_hd95_mm": 4.25, "cases": []}))
-    (tmp_path / "eval" / "real.json").write_text(json.dumps({"n": 2, "cases": [{"name": "totalseg_ct_3mm", "dice": 0.91},
+    (tmp_path / "eval" / "real.json").write_text(json.dumps({"n": 3, "cases": [{"name": "msd_spleen_8", "dice": 0.77},
+                                                                                {"name": "totalseg_ct_3mm", "dice": 0.91},
                                                                                 {"name": "ircad_1", "dice": 0.87}]}))
     rows = dict(reproduce.headline_results("quick"))
     assert rows["best validation Dice"].startswith("0.877 at epoch 38")
     assert rows["held-out Dice / HD95"].startswith("0.850 / 4.2 mm")
     assert "per source labelmap 0.860, phantom 0.890" in rows["best validation Dice"]
-    assert rows["data"].startswith("Synthetic_Spleen (synthetic) + real totalseg_ct_3mm")
-    # each real scan says what it was to the model
-    assert rows["real CT Dice (original grid)"] == ("totalseg_ct_3mm 0.910 (trained on), "
-                                                   "ircad_1 0.870 (never trained on (validation only, not shipped))")
+    assert rows["data"].startswith("Synthetic_Spleen (synthetic) + real msd_spleen_8")
+    # each real scan says what it was to the model (the quick profile's roles)
+    assert rows["real CT Dice (original grid)"] == (
+        "msd_spleen_8 0.770 (trained on), totalseg_ct_3mm 0.910 (held out: validated, never chose the checkpoint), "
+        "ircad_1 0.870 (never trained on, validation only, not shipped)")
     md = reproduce.results_markdown("quick")
     assert md.startswith("| result | value |") and "| best validation Dice | 0.877" in md
     note = reproduce.profile_note("quick")

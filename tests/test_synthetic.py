@@ -223,7 +223,7 @@ def test_idempotent_and_never_half_written(tmp_path, monkeypatch):
     assert {p: p.stat().st_mtime_ns for p in files} == stamps
 
     # a run that fails half-way leaves the complete older set untouched and no partial folder
-    real = synthetic.make_phantom
+    real = synthetic.generate_case  # what the writer calls for each phantom
     calls = []
 
     def failing(seed, *args, **kwargs):
@@ -233,7 +233,7 @@ def test_idempotent_and_never_half_written(tmp_path, monkeypatch):
         return real(seed, *args, **kwargs)
 
     with monkeypatch.context() as m:
-        m.setattr(synthetic, "make_phantom", failing)
+        m.setattr(synthetic, "generate_case", failing)
         with pytest.raises(KeyboardInterrupt):
             write_synthetic_dataset(root, cases=1, test_cases=1, seed=3, progress=False)
     assert {p: p.stat().st_mtime_ns for p in files} == stamps
