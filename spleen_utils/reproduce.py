@@ -152,7 +152,8 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
 
 def _same_run(cfg: Config, out: Path) -> tuple[bool, str]:
     """Whether ``out/run.json`` records exactly ``cfg`` trained on exactly ``cfg``'s files, and why not."""
-    from .data import dataset_checksums, load_datalist, split_datalist
+    from .data import dataset_checksums
+    from .train import datalists
 
     try:
         run = json.loads((out / "run.json").read_text())
@@ -160,7 +161,7 @@ def _same_run(cfg: Config, out: Path) -> tuple[bool, str]:
         return False, f"the run records in {rel(out)} are missing or unreadable"
     if _comparable(run.get("config", {})) != _comparable(cfg.to_dict()):
         return False, f"the run in {rel(out)} used another configuration"
-    train_items, val_items = split_datalist(load_datalist(cfg.dataset_dir, "training"), cfg.val_cases, cfg.max_cases)
+    train_items, val_items = datalists(cfg)  # the dataset's cases and the shipped real scans it names
     if run.get("data_md5") != dataset_checksums(train_items + val_items):
         return False, f"the run in {rel(out)} was trained on other data"
     return True, "same configuration and data"

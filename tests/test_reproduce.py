@@ -106,15 +106,16 @@ def tiny_dataset(tmp_path):
 
 
 def _fake_finished_run(cfg) -> None:
-    from spleen_utils.data import dataset_checksums, load_datalist
+    from spleen_utils.data import dataset_checksums
+    from spleen_utils.train import datalists
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "best_model.pt").write_bytes(b"weights")
     (out / "last.pt").write_bytes(b"state")
     (out / "summary.json").write_text(json.dumps({"epochs": cfg.epochs, "best_val_dice": 0.9}))
-    items = load_datalist(cfg.dataset_dir)
-    (out / "run.json").write_text(json.dumps({"config": cfg.to_dict(), "data_md5": dataset_checksums(items)}))
+    train_items, val_items = datalists(cfg)  # the dataset's cases and the shipped real scans
+    (out / "run.json").write_text(json.dumps({"config": cfg.to_dict(), "data_md5": dataset_checksums(train_items + val_items)}))
 
 
 def test_a_finished_run_of_the_same_config_and_data_is_reused(tiny_dataset, monkeypatch):
