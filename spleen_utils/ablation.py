@@ -139,7 +139,8 @@ def markdown(path: Path = DEFAULT_RECORD) -> str:
     roles = "; ".join(f"`{n}`: {v['role']}, {v['label_source']} label" for n, v in record["steps"][-1]["real"].items())
     lines = [markdown_table(table(record), floatfmt=".3f"), "",
              f"Measured on {record['date'][:10]} on {hw.get('cpu', '?')} ({hw.get('cpu_count', '?')} cores, CPU only) "
-             f"by `{record['command']}`. The real scans: {roles}. The commands, one per row:", ""]
+             f"by `{record['command']}`. The real scans, as the last row used them (the rows above train on no real "
+             f"scan): {roles}. The commands, one per row:", ""]
     lines += [f"{k}. `{s['command']}`" for k, s in enumerate(record["steps"], start=1)]
     return "\n".join(lines)
 
