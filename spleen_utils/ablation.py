@@ -38,10 +38,15 @@ DEFAULT_RECORD = PROJECT_ROOT / "book" / "records" / "ablation.json"
 
 
 def _steps_per_epoch(cfg: Config) -> int:
-    from .train import datalists
+    """Optimizer steps per epoch of ``cfg``, from the generated set's plan (no files needed)."""
+    from .samples import label_maps
+    from .synthetic import case_plan
 
-    train_items, _ = datalists(cfg)
-    return math.ceil(len(train_items) / cfg.batch_size)
+    maps = [m.name for m in label_maps()] if cfg.labelmap_cases else []
+    plan = case_plan(cfg.synthetic_cases, maps, cfg.labelmap_cases, cfg.val_per_source)
+    n = sum(1 for _, source, fold in plan if fold == "training" and source.split(":", 1)[0] in cfg.train_sources)
+    n += len(cfg.real_train) * max(int(cfg.real_repeats), 1)
+    return math.ceil(n / cfg.batch_size)
 
 
 def step_configs(root: Path | None = None) -> list[tuple[str, str, Config, list[str]]]:
