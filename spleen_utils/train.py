@@ -206,16 +206,16 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
 
     t_start = time.time()
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     last_path, metrics_path = out / "last.pt", out / "metrics.jsonl"
     if not resume and last_path.exists():
         raise SpleenError(f"{out} already holds a run; pass --resume to continue it or choose another --out.")
     if resume and not last_path.exists():
         raise SpleenError(f"{out}: nothing to resume (no last.pt); start without --resume.")
+    train_items, val_items = datalists(cfg)  # a bad source or sample name fails before any folder is made
+    out.mkdir(parents=True, exist_ok=True)
 
     device = resolve_device(cfg.device)
     set_determinism(seed=cfg.seed)
-    train_items, val_items = datalists(cfg)
     r = cfg.recipe
 
     # the loaders see files only (plus each validation case's source): mixed text keys do not collate
