@@ -242,6 +242,8 @@ def open_backend(model_path: str | Path, backend: str = "auto", device: str = "a
         raise SpleenError(f"{model_path}: no such model file.")
     if backend == "auto":
         backend = SUFFIXES.get(model_path.suffix.lower(), "")
+        if not backend and str(model_path).endswith((".nii", ".nii.gz")):
+            raise SpleenError(f"{model_path}: is a NIfTI image, not a model file; --model takes best_model.pt, model.onnx or model.engine.")
         if not backend:
             raise SpleenError(f"{model_path}: cannot tell the backend from the suffix; pass --backend torch|onnx|tensorrt.")
     if backend == "torch":

@@ -40,6 +40,7 @@ import torch
 
 from .config import PROJECT_ROOT, Recipe
 from .errors import SpleenError
+from .progress import report
 
 BENCH_FORMAT = "spleen_utils.bench/1"
 #: the patch timed in (a): the MONAI spleen recipe's training patch, as the MONAI bundle reports it
@@ -682,6 +683,8 @@ def _run_benchmark(
         "settings": {"device": str(dev), "torch_threads": torch.get_num_threads(), "repeats": repeats, "warmup": warmup, "patch_repeats": patch_repeats or max(repeats, 5), "batch_sizes": list(batch_sizes)},
     }
     del ckpt
+    parts, done = int(bool(patches)) + int(bool(end_to_end)), 0
+    report("benchmark", 0, parts, unit="part")
     with tempfile.TemporaryDirectory(prefix="spleen-bench-") as tmp:
         if patches:
             onnx_note = None
@@ -697,6 +700,8 @@ def _run_benchmark(
                 model_path, onnx_path, engine_path, str(dev), batch_sizes, patch_repeats or max(repeats, 5), patch=patch
             )
             record["patch"]["onnx_file"] = onnx_note or (str(onnx_path) if onnx_path else None)
+            done += 1
+            report("benchmark", done, parts, unit="part", finished="per-patch latency")
         if end_to_end:
             if images is None:  # the real scans shipped with the library (spleen_utils.samples)
                 from .reproduce import real_cases
@@ -707,6 +712,8 @@ def _run_benchmark(
                 record["end_to_end"] = bench_end_to_end(model_path, images, str(dev), repeats=repeats, warmup=warmup, progress=progress, window=window, precision=precision)
             else:
                 record["end_to_end"] = {"skipped": "no images were given"}
+            done += 1
+            report("benchmark", done, parts, unit="part", finished="end to end")
     record["load_average_1min_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     if json_out is not None:
         write_json(record, json_out)
@@ -797,6 +804,50 @@ def format_report(record: dict[str, Any]) -> str:
             )
             lines.append(f"    speedup: min {e['speedup_min']:.2f}x, geometric mean {e['speedup_geomean']:.2f}x; Dice agreement min {e['dice_agreement_min']:.4f}")
     return "\n".join(lines)
+
+
+def report_markdown(record: dict[str, Any]) -> str:
+    """The record as Markdown (what notebook 08 shows): a few sentences and two tables that wrap in a page."""
+    from .viz import markdown_table
+
+    hw = record.get("hardware", {})
+    where = f"{hw.get('cpu')} ({hw.get('cpu_cores')} cores, torch threads {hw.get('torch_threads')}, native bf16: " \
+            f"{'yes' if hw.get('cpu_bf16_native') else 'no'})" + (f", GPU {hw['gpu']}" if hw.get("gpu") else ", no GPU")
+    parts = [f"Measured on {where}, {record.get('date')}."]
+    if hw.get("load_average_1min") is not None:
+        parts[0] += (f" Load average (1 min) {hw['load_average_1min']} at the start and {record.get('load_average_1min_end')} "
+                     "at the end: other processes share these CPUs, so compare numbers side by side only.")
+    p = record.get("patch")
+    if p:
+        mm = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in p["matmul_gflops"].items() if v)
+        parts.append(f"**(a) One {'×'.join(map(str, p['patch']))} patch**: {p['gflops_per_patch']:.1f} GFLOP per patch; "
+                     f"a 2048² matrix product here runs at {mm}.")
+        rows = [{"backend": r["backend"], "precision": r["precision"], "device": r["device"], "batch": r["batch"],
+                 "median ms": r["median_ms"], "p10 ms": r["p10_ms"], "p90 ms": r["p90_ms"], "ms per patch": r["ms_per_patch"],
+                 "GFLOP/s": r["achieved_gflops"], "peak MB": float(r.get("peak_gpu_mb", r.get("peak_rss_mb")) or 0)}
+                for r in p["rows"]]
+        parts.append(markdown_table(rows, floatfmt=".1f"))
+        if p["unavailable"]:
+            parts.append("Not run here: " + "; ".join(
+                f"{m['backend']} {m['precision']}{' batch ' + str(m['batch']) if 'batch' in m else ''} ({m['reason']})"
+                for m in p["unavailable"]) + ".")
+    e = record.get("end_to_end")
+    if e and "skipped" in e:
+        parts.append(f"**(b) End to end**: skipped, {e['skipped']}.")
+    elif e:
+        parts.append(f"**(b) End to end**, file to file, median of {e['repeats']} alternating runs after {e['warmup']} "
+                     f"warm-up. Baseline: {e['baseline']['what']} (ROI {e['baseline']['roi']}, overlap "
+                     f"{e['baseline']['overlap']}, {e['baseline']['precision']}). Default: {e['default']['backend']}, window "
+                     f"{e['default']['window']}, preprocessing {e['default']['preprocess']}.")
+        plan_names = {"whole": "one", "sliding": "sliding"}
+        rows = [{"case": c["name"], "shape": "×".join(map(str, c["shape"])), "window": plan_names.get(c.get("window_plan"), "-"),
+                 "baseline s": c["baseline"]["median_s"], "default s": c["default"]["median_s"], "speed-up": c["speedup"],
+                 "Dice agreement": c["dice_agreement"], "voxels differing": c["differing_voxels"]} for c in e["cases"]]
+        parts.append(markdown_table(rows, floatfmt=".3g"))
+        parts.append(f"Speed-up: at least {e['speedup_min']:.2f}×, geometric mean {e['speedup_geomean']:.2f}×; "
+                     f"the two masks agree at Dice {e['dice_agreement_min']:.4f} or more"
+                     + (" (largest component kept on both)." if e["default"]["lcc"] else "."))
+    return "\n\n".join(parts)
 
 
 def plot_benchmark(record: dict[str, Any]):

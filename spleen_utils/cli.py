@@ -82,6 +82,7 @@ def config_from_args(a: argparse.Namespace):
         real_val=a.real_val,
         real_repeats=a.real_repeats,
         wild=a.wild,
+        loss=a.loss,
     )
     if a.no_amp:
         over["amp"] = False
@@ -123,11 +124,19 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
     predictor = Predictor.from_path(a.model, backend=a.backend, device=a.device, precision=a.precision, lcc=not a.no_lcc, progress=False)
 
+    if predictor.training_note:
+        print(f"note: {predictor.training_note}", file=sys.stderr)
+
     def report(rec):
         t = rec["timings"]
         print(f"{Path(rec['input']).name}: {rec['spleen_ml']:.1f} mL spleen -> {rec['output']} ({t['total_s']:.1f} s, {rec['backend']})")
 
-    records = predictor.predict_path(a.input, a.output, on_case=report)
+    def skipped(path, why):
+        print(f"{Path(path).name}: skipped, {why}", file=sys.stderr)
+
+    records = predictor.predict_path(a.input, a.output, on_case=report, on_skip=skipped)
+    if not records:
+        raise SpleenError(f"{a.input}: nothing to segment; every file was skipped.")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(records, indent=2))
@@ -143,17 +152,44 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         hd = "n/a" if c["hd95_mm"] is None else f"{c['hd95_mm']:.2f}"
         print(f"{c['name']:<24}{c['dice']:>8.4f}{hd:>10}{c['pred_ml']:>10.1f}{c['label_ml']:>10.1f}")
     hd = "n/a" if res["mean_hd95_mm"] is None else f"{res['mean_hd95_mm']:.2f}"
-    print(f"{'mean (' + str(res['n']) + ' cases)':<24}{res['mean_dice']:>8.4f}{hd:>10}")
+    if res["n"] > 1:
+        print(f"{'mean (' + str(res['n']) + ' cases)':<24}{res['mean_dice']:>8.4f}{hd:>10}")
     if a.json:
         print(f"written: {a.json}")
     return 0
 
 
 # ---------------------------------------------------------------- parser
+MAIN_EXAMPLES = """examples (inside the project's environment: `source .venv/bin/activate`, or call .venv/bin/spleen-seg):
+  spleen-seg train --profile quick            # generate the quick data set if needed, then train (~10 min, CPU)
+  spleen-seg predict --model outputs/runs/quick/best_model.pt --input ct.nii.gz --output mask.nii.gz
+  spleen-seg evaluate --pred mask.nii.gz --label spleen.nii.gz
+  spleen-seg reproduce                        # every notebook, the book and a summary (what `make reproduce` runs)
+  spleen-seg COMMAND --help                   # the options of one command
+"""
+TRAIN_EXAMPLES = """examples:
+  spleen-seg train                                   # the quick profile, as the tutorial runs it
+  spleen-seg train --epochs 5 --out outputs/runs/try # a short run in its own folder
+  spleen-seg train --resume --out outputs/runs/try   # continue an interrupted run
+  spleen-seg train --profile full                    # MSD Task09 on a GPU (spleen-seg data download first)
+"""
+PREDICT_EXAMPLES = """examples:
+  spleen-seg predict --model outputs/runs/quick/best_model.pt --input ct.nii.gz --output mask.nii.gz
+  spleen-seg predict --model outputs/runs/quick/model.onnx --input scans/ --output masks/
+In a folder, files named like masks (*_label, *_spleen, *_seg, ...) or holding label maps are skipped.
+"""
+EVALUATE_EXAMPLES = """examples:
+  spleen-seg evaluate --pred mask.nii.gz --label spleen.nii.gz
+  spleen-seg evaluate --pred masks/ --label labels/ --json eval.json   # folders: paired by file name
+Both must be binary masks (0 and 1) on the same grid.
+"""
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="spleen-seg", description="3D spleen segmentation on CT with MONAI: data, training, inference, evaluation.")
+    p = argparse.ArgumentParser(
+        prog="spleen-seg", description="3D spleen segmentation on CT with MONAI: data, training, inference, evaluation.",
+        epilog=MAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"spleen-seg {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -173,11 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--quiet", action="store_true", help="no progress bar")
     sy.set_defaults(func=cmd_data_synthetic)
 
-    t = sub.add_parser("train", help="train the recipe (quick: CPU minutes on synthetic data; full: MSD on a GPU)")
-    t.add_argument("--profile", choices=["quick", "full"], default="quick")
+    t = sub.add_parser("train", help="train the recipe (quick: CPU minutes on synthetic data; full: MSD on a GPU)",
+                       epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--profile", choices=["quick", "full"], default="quick",
+                   help="quick (default): CPU minutes on generated CT + shipped real scans; full: MSD Task09 on a GPU")
     t.add_argument("--data", help="dataset folder in MSD layout (default: the profile's under data/)")
     t.add_argument("--out", help="run folder (default: outputs/runs/<profile>)")
-    t.add_argument("--epochs", type=int)
+    t.add_argument("--epochs", type=int, help="epochs to train (default: the profile's, 50 quick / 600 full)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last.pt")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"])
     t.add_argument("--val-interval", type=int, help="validate every N epochs")
@@ -189,9 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sw-roi", type=_csv_ints, help="sliding-window size for validation, e.g. 160,160,160")
     t.add_argument("--pixdim", type=_csv_floats, help="target spacing in mm, e.g. 1.5,1.5,2.0")
     t.add_argument("--lr", type=float, help="Adam learning rate")
-    t.add_argument("--cache-rate", type=float)
-    t.add_argument("--num-workers", type=int)
-    t.add_argument("--seed", type=int)
+    t.add_argument("--cache-rate", type=float, help="share of the cases MONAI's CacheDataset keeps in memory (0-1)")
+    t.add_argument("--num-workers", type=int, help="data-loading processes (default: the profile's)")
+    t.add_argument("--seed", type=int, help="random seed of weights, crops and augmentation (default 0)")
     t.add_argument("--no-amp", action="store_true", help="train in fp32")
     t.add_argument("--train-sources", type=_csv_names, help="sources of the generated set that train: phantom,labelmap (default: both)")
     t.add_argument("--real-train", type=_csv_names, help="shipped real scans that train, e.g. totalseg_ct_3mm ('none': no real scan)")
@@ -199,12 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--real-repeats", type=int, help="how often each --real-train scan appears per epoch")
     t.add_argument("--wild", type=float, help="share of repainted crops whose soft tissues get arbitrary HU (default: 0.25)")
     t.add_argument("--appearance-prob", type=float, help="share of training crops repainted with a random CT appearance (0: no augmentation)")
+    t.add_argument("--loss", choices=["dice", "dicece"], help="training loss: dice (the recipe's) or dicece (Dice + cross-entropy)")
     t.add_argument("--select-on", choices=["generated", "all"], help="validation cases that choose the best checkpoint (default: generated)")
     t.add_argument("--max-minutes", type=float, help="stop (after validating) once this much training time has passed")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
 
-    pr = sub.add_parser("predict", help="segment NIfTI CT volumes onto their own grid")
+    pr = sub.add_parser("predict", help="segment NIfTI CT volumes onto their own grid",
+                        epilog=PREDICT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     pr.add_argument("--model", required=True, help="best_model.pt, model.onnx or model.engine")
     pr.add_argument("--input", required=True, help="a .nii/.nii.gz file or a folder of them")
     pr.add_argument("--output", required=True, help="a file (for a file) or a folder")
@@ -215,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", help="write a JSON record of each case here")
     pr.set_defaults(func=cmd_predict)
 
-    ev = sub.add_parser("evaluate", help="Dice, HD95 (mm) and volumes (mL) of predictions against labels")
+    ev = sub.add_parser("evaluate", help="Dice, HD95 (mm) and volumes (mL) of predictions against labels",
+                        epilog=EVALUATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("--pred", required=True, help="a mask file or a folder of them")
     ev.add_argument("--label", required=True, help="a label file or a folder (paired by file name)")
     ev.add_argument("--json", help="write the results here")

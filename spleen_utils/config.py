@@ -111,6 +111,8 @@ class Config:
     # which validation cases choose the best checkpoint: "generated" (synthetic held-out cases
     # only: the real held-out scans stay a clean test) or "all"
     select_on: str = "generated"
+    # the training loss: "dice" (the recipe's) or "dicece" (Dice + cross-entropy, MONAI's DiceCELoss)
+    loss: str = "dice"
 
     @property
     def dataset_dir(self) -> Path:
@@ -124,6 +126,7 @@ class Config:
 
 SELECT_ON = ("generated", "all")
 LR_SCHEDULES = ("constant", "cosine")
+LOSSES = ("dice", "dicece")
 
 PROFILES: dict[str, dict[str, Any]] = {
     # CPU, minutes, offline: the generated MSD-layout set that spleen_utils.synthetic writes, and
@@ -199,6 +202,8 @@ def get_config(profile: str = "quick", **overrides: Any) -> Config:
            for k, v in values.items() if k in config_fields}
     if run.get("lr_schedule", "constant") not in LR_SCHEDULES:
         raise SpleenError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {run['lr_schedule']!r}.")
+    if run.get("loss", "dice") not in LOSSES:
+        raise SpleenError(f"loss must be one of {', '.join(LOSSES)}, not {run['loss']!r}.")
     if run.get("select_on", "generated") not in SELECT_ON:
         raise SpleenError(f"select_on must be one of {', '.join(SELECT_ON)}, not {run['select_on']!r}.")
     cfg = Config(profile=profile, recipe=recipe, **run)

@@ -11,3 +11,7 @@ class SpleenError(Exception):
 
 class DataError(SpleenError):
     """Missing, corrupt or unsuitable data (download, NIfTI, dataset layout)."""
+
+
+class NotAnImageError(DataError):
+    """A file that is readable but is not a CT image (a mask or label map given as input)."""

@@ -74,8 +74,8 @@ import numpy as np
 import torch
 
 from .backends import Backend, open_backend
-from .errors import DataError, SpleenError
-from .io import Volume, case_name, is_nifti_name, load_nifti, save_mask
+from .errors import DataError, NotAnImageError, SpleenError
+from .io import Volume, case_name, is_label_array, is_nifti_name, load_nifti, looks_like_mask_name, save_mask
 
 #: the largest volume (voxels, after cropping and resampling, padded) that ``window="auto"`` runs
 #: as one window; about 3 GB of activations in fp32 for the spleen UNet (measured: ~1.2 GB for
@@ -399,6 +399,18 @@ class Predictor:
         b = self.backend
         return f"{b.name} ({b.precision}, {b.device})"
 
+    @property
+    def training_note(self) -> str | None:
+        """One sentence when the model is a teaching model (trained mostly on generated CT), else None."""
+        meta = getattr(self.backend, "meta", None) or {}
+        source = meta.get("source_checkpoint") if isinstance(meta.get("source_checkpoint"), dict) else meta
+        data, profile = source.get("training_data"), source.get("profile")
+        if data and "generated CT" in str(data):
+            return f"this model was trained on {data}: a teaching model, not a clinical one."
+        if not data and profile == "quick":
+            return "this model comes from the quick profile (generated CT): a teaching model, not a clinical one."
+        return None
+
     # ---- MONAI's transforms (the generic path)
     @property
     def pre(self):
@@ -541,6 +553,9 @@ class Predictor:
         """Segment one NIfTI file and write its mask; returns a record of what was done."""
         t0 = time.perf_counter()
         vol = load_nifti(input_path)
+        if is_label_array(vol.array):
+            raise NotAnImageError(f"{input_path}: holds a label map (whole numbers from {int(vol.array.min())} to "
+                            f"{int(vol.array.max())}), not a CT in Hounsfield units; give the image, not its mask.")
         t_load = time.perf_counter() - t0
         mask, t = self.predict_volume(vol)
         t1 = time.perf_counter()
@@ -560,8 +575,13 @@ class Predictor:
             "timings": t,
         }
 
-    def predict_path(self, input: str | Path, output: str | Path, on_case=None) -> list[dict[str, Any]]:
-        """A file to a file, or every NIfTI of a folder into a folder (same file names)."""
+    def predict_path(self, input: str | Path, output: str | Path, on_case=None, on_skip=None) -> list[dict[str, Any]]:
+        """A file to a file, or every NIfTI of a folder into a folder (same file names).
+
+        In a folder, files named like masks (``*_label``, ``*_spleen``, ...; see
+        :data:`spleen_utils.io.MASK_SUFFIXES`) and files whose voxels are a label map are skipped,
+        each reported to ``on_skip(path, why)``.
+        """
         input, output = Path(input), Path(output)
         if not input.exists():
             raise DataError(f"{input}: no such file or folder.")
@@ -570,15 +590,31 @@ class Predictor:
                 output = output / f"{case_name(input)}.nii.gz"
             jobs = [(input, output)]
         else:
+            if output.exists() and not output.is_dir():
+                raise DataError(f"{output}: is a file; give a folder for a folder of inputs.")
+            if not output.exists() and is_nifti_name(output):
+                raise DataError(f"{output}: looks like a file name, but {input} is a folder; give an output folder.")
             files = sorted(f for f in input.iterdir() if is_nifti_name(f) and not f.name.startswith("."))
             if not files:
                 raise DataError(f"{input}: holds no .nii or .nii.gz file.")
-            if output.exists() and not output.is_dir():
-                raise DataError(f"{output}: is a file; give a folder for a folder of inputs.")
-            jobs = [(f, output / f"{case_name(f)}.nii.gz") for f in files]
+            images = [f for f in files if not looks_like_mask_name(f)]
+            for f in files:
+                if f not in images and on_skip is not None:
+                    on_skip(f, "its name says it is a mask, not a CT")
+            if not images:
+                raise DataError(f"{input}: holds only masks ({', '.join(f.name for f in files[:3])}...), no CT image.")
+            jobs = [(f, output / f"{case_name(f)}.nii.gz") for f in images]
         records = []
+        single = len(jobs) == 1 and input.is_file()
         for src, dst in jobs:
-            rec = self.predict_file(src, dst)
+            try:
+                rec = self.predict_file(src, dst)
+            except NotAnImageError:
+                if single:
+                    raise
+                if on_skip is not None:
+                    on_skip(src, "its voxels are a label map, not a CT")
+                continue
             records.append(rec)
             if on_case is not None:
                 on_case(rec)

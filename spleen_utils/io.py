@@ -29,6 +29,31 @@ def is_nifti_name(path: str | Path) -> bool:
     return str(path).endswith(NIFTI_SUFFIXES)
 
 
+#: file-name endings of masks and label maps (MSD keeps them in labelsTr/, others beside the image)
+MASK_SUFFIXES = ("_label", "_labels", "_spleen", "_seg", "_mask", "_pred")
+
+
+def looks_like_mask_name(path: str | Path) -> bool:
+    """A NIfTI whose name says it is a mask (``x_label.nii.gz``, ``x_spleen.nii.gz``, ...)."""
+    return case_name(path).lower().endswith(MASK_SUFFIXES)
+
+
+def is_label_array(array: np.ndarray, max_values: int = 64) -> bool:
+    """Whether voxels look like a label map rather than CT: non-negative whole numbers, few of them.
+
+    CT in Hounsfield units has air (about -1000 HU) around the body and hundreds of values.
+    """
+    a = np.asarray(array)
+    if a.size == 0:
+        return False
+    if float(a.min()) < 0 or not 1 <= float(a.max()) <= 1000:
+        return False
+    sample = a.ravel()[:: max(1, a.size // 2_000_000)]  # a strided sample decides fast on big scans
+    if not np.all(np.mod(sample, 1) == 0):
+        return False
+    return np.unique(sample).size <= max_values
+
+
 def case_name(path: str | Path) -> str:
     """``/x/spleen_1.nii.gz`` -> ``spleen_1``."""
     name = Path(path).name

@@ -59,9 +59,16 @@ def evaluate_case(pred_path: str | Path, label_path: str | Path) -> dict:
             f"{pred_path}: the prediction's grid {pred.shape} {pred.axcodes} does not match its label's "
             f"{label.shape} {label.axcodes} ({label_path}); predict onto the image's own grid."
         )
+    for vol, path, what in ((label, label_path, "--label"), (pred, pred_path, "--pred")):
+        a = vol.array
+        if np.any((a != 0) & (a != 1)):
+            values = np.unique(a[(a != 0) & (a != 1)])
+            shown = ", ".join(f"{v:g}" for v in values[:3]) + (", ..." if values.size > 3 else "")
+            raise DataError(f"{path}: {what} must be a binary spleen mask (0 and 1), but it also holds {shown}; "
+                            "is it a CT or a multi-organ label map?")
     p, l = pred.array > 0, label.array > 0
     return {
-        "name": case_name(label_path),
+        "name": case_name(pred_path),
         "dice": dice(p, l),
         "hd95_mm": hd95(p, l, label.spacing),
         "pred_ml": volume_ml(p, label.spacing),
@@ -70,13 +77,13 @@ def evaluate_case(pred_path: str | Path, label_path: str | Path) -> dict:
 
 
 def _pairs(pred: Path, label: Path) -> list[tuple[Path, Path]]:
+    for p, what in ((pred, "--pred"), (label, "--label")):
+        if not p.exists():
+            raise DataError(f"{p}: no such file or folder ({what}).")
     if pred.is_file() or label.is_file():
         if not (pred.is_file() and label.is_file()):
             raise DataError("--pred and --label must both be files or both be folders.")
         return [(pred, label)]
-    for p, what in ((pred, "--pred"), (label, "--label")):
-        if not p.exists():
-            raise DataError(f"{p}: no such file or folder ({what}).")
     labels = {case_name(f): f for f in sorted(label.iterdir()) if is_nifti_name(f) and not f.name.startswith(".")}
     preds = {case_name(f): f for f in sorted(pred.iterdir()) if is_nifti_name(f) and not f.name.startswith(".")}
     common = sorted(set(labels) & set(preds))

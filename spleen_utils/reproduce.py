@@ -26,6 +26,7 @@ import copy
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from typing import Any
 
 from .config import PROJECT_ROOT, Config, get_config
 from .errors import SpleenError
+from .progress import Watcher
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 BOOK_DIR = PROJECT_ROOT / "book"
@@ -592,13 +594,15 @@ def run_notebooks(profile: str, overrides: dict[str, Any] | None = None, only: S
         raise SpleenError(f"no notebook declares the parameter(s) {', '.join(sorted(unknown))}.")
     record: dict[str, Any] = {"profile": profile, "overrides": overrides, "kernel": kernel, "notebooks": {}}
     started = time.perf_counter()
-    for p in paths:
-        declared = declared_parameters(p)
-        params = {k: v for k, v in {"profile": profile, **overrides}.items() if k in declared}
-        log(f"[{time.strftime('%H:%M:%S')}] {p.name} ...")
-        seconds = execute_notebook(p, out_dir / p.name, params, kernel, NOTEBOOKS_DIR)
-        record["notebooks"][p.name] = {"seconds": round(seconds, 1), "parameters": params}
-        log(f"           {p.name} done in {seconds:.0f} s")
+    # the kernels report their long steps (data, training, benchmark) to a file this process prints
+    with Watcher(out_dir / "progress.jsonl", log=log):
+        for p in paths:
+            declared = declared_parameters(p)
+            params = {k: v for k, v in {"profile": profile, **overrides}.items() if k in declared}
+            log(f"[{time.strftime('%H:%M:%S')}] {p.name} ...")
+            seconds = execute_notebook(p, out_dir / p.name, params, kernel, NOTEBOOKS_DIR)
+            record["notebooks"][p.name] = {"seconds": round(seconds, 1), "parameters": params}
+            log(f"           {p.name} done in {seconds:.0f} s")
     record["seconds"] = round(time.perf_counter() - started, 1)
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     old = _read_json(out_dir / "reproduce.json") or {}
@@ -610,14 +614,53 @@ def run_notebooks(profile: str, overrides: dict[str, Any] | None = None, only: S
     return record
 
 
+#: a line a notebook prints when it leaves something out ("skipped: ...", "not run: ...")
+#: optionally after a short name: "  tensorrt     not run: why"
+_SKIP_LINE = re.compile(r"^\s*(?:([\w.+-]+(?: [\w.+-]+)?)\s+)?(?:skipped|not run)\s*:\s*(.+)$", re.IGNORECASE)
+
+
+def skipped_steps(executed: Path | None = None, profile: str = "quick") -> list[str]:
+    """What the executed notebooks said they skipped or did not run, once each, in page order.
+
+    Read from their printed output (every notebook says ``skipped: ...`` or ``not run: ...`` in
+    one line when it leaves something out), plus the validation-only real scan when it is absent.
+    """
+    import nbformat
+
+    executed = Path(executed or EXECUTED_DIR / profile)
+    found: dict[str, str] = {}
+    for p in notebook_paths():
+        path = executed / p.name
+        if not path.exists():
+            continue
+        nb = nbformat.read(str(path), as_version=4)
+        for cell in nb.cells:
+            for out in cell.get("outputs", []):
+                if out.get("output_type") != "stream":
+                    continue
+                for line in str(out.get("text", "")).splitlines():
+                    m = _SKIP_LINE.match(line)
+                    if m:
+                        what = " ".join(m.group(2).split())
+                        if m.group(1):
+                            what = f"{m.group(1)}: {what}"
+                        found.setdefault(what.lower(), f"{p.stem}: {what}")
+    from . import samples
+
+    if not samples.validation_cases():
+        found.setdefault("ircad_1", "real-CT validation on ircad_1: the scan is not here "
+                                    "(set SPLEEN_REAL_DATA or place it in ../shared/data/real)")
+    return list(found.values())
+
+
 # ---------------------------------------------------------------------------------------------
 # the book
 
 
-def stage_book(profile: str, executed: Path | None = None) -> Path:
-    """A copy of the book's sources that uses the executed notebooks: ``outputs/book/<profile>/``."""
+def stage_book(profile: str, executed: Path | None = None, staging: Path | None = None) -> Path:
+    """A copy of the book's sources that uses the executed notebooks (``outputs/book/<profile>/`` by default)."""
     executed = Path(executed or EXECUTED_DIR / profile)
-    staging = STAGING_DIR / profile
+    staging = Path(staging or STAGING_DIR / profile)
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
@@ -625,20 +668,21 @@ def stage_book(profile: str, executed: Path | None = None) -> Path:
         shutil.copy2(PROJECT_ROOT / name, staging / name)
     shutil.copytree(BOOK_DIR, staging / "book", ignore=shutil.ignore_patterns("_build", ".ipynb_checkpoints", "intro.ipynb"))
     (staging / "notebooks").mkdir()
+    import nbformat
+
     missing = []
     for p in notebook_paths():
         src = executed / p.name
         if not src.exists():
             missing.append(p.name)
             continue
-        shutil.copy2(src, staging / "notebooks" / p.name)
+        # a page shows the notebook's own parameters cell, not papermill's injected copy under it
+        nbformat.write(clean_notebook(nbformat.read(str(src), as_version=4)), str(staging / "notebooks" / p.name))
     if missing:
         raise SpleenError(f"no executed copy of {', '.join(missing)} in {rel(executed)}; run `spleen-seg reproduce` first.")
     intro = executed / "intro.ipynb"
     if not intro.exists():
         raise SpleenError(f"no executed introduction in {rel(executed)}; run `spleen-seg reproduce` first.")
-    import nbformat
-
     # the introduction reads as a page: no papermill parameters cell
     nbformat.write(clean_notebook(nbformat.read(str(intro), as_version=4)), str(staging / "book" / "intro.ipynb"))
     return staging
@@ -776,6 +820,16 @@ def reproduce(profile: str = "quick", overrides: dict[str, Any] | None = None, o
             f"(notebooks {record['seconds'] / 60:.1f} min" + (f", book {record['book_seconds']:.0f} s)" if book else ")"))
     log("headline results (from the run records):")
     print_results(profile)
+    skipped = skipped_steps(executed)
+    record["skipped"] = skipped
+    (executed / "reproduce.json").write_text(json.dumps(record, indent=2) + "\n")
+    log("")
+    if skipped:
+        log("skipped or not run on this machine (each notebook says why):")
+        for line in skipped:
+            log(f"  - {line}")
+    else:
+        log("nothing was skipped.")
     return index
 
 

@@ -50,6 +50,7 @@ from scipy import ndimage
 from . import appearance as ap
 from .errors import DataError
 from .io import save_nifti
+from .progress import report
 
 #: recorded in dataset.json; bump VERSION whenever the phantoms a seed gives change.
 GENERATOR = "spleen_utils.synthetic"
@@ -861,6 +862,8 @@ def write_synthetic_dataset(
         jobs = [(i, sources.get(i, "phantom"), case_seed(seed, i), str(partial), i <= n_train, tissues)
                 for i in range(1, n_train + test_cases + 1)]
         workers = max(1, min(os.cpu_count() or 1, 4, len(jobs) // 4))
+        step = f"generating {name}"
+        report(step, 0, len(jobs), unit="case")
         bar = None
         if progress:
             from tqdm import tqdm
@@ -872,12 +875,14 @@ def write_synthetic_dataset(
 
             ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
-                for _ in pool.map(_write_case, jobs):
+                for done, _ in enumerate(pool.map(_write_case, jobs), 1):
+                    report(step, done, len(jobs), unit="case")
                     if bar is not None:
                         bar.update()
         else:
-            for job in jobs:
+            for done, job in enumerate(jobs, 1):
                 _write_case(job)
+                report(step, done, len(jobs), unit="case")
                 if bar is not None:
                     bar.update()
         if bar is not None:

@@ -191,6 +191,14 @@ def _write_json(path: Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, default=str))
 
 
+def training_data(cfg: Config) -> str:
+    """What a run learns from, in a few words; travels inside its checkpoint and ONNX file."""
+    what = f"{cfg.dataset} (generated CT)" if cfg.dataset.startswith("Synthetic") else cfg.dataset
+    if cfg.real_train:
+        what += f" + {len(cfg.real_train)} real scan{'s' if len(cfg.real_train) != 1 else ''} ({', '.join(cfg.real_train)})"
+    return what
+
+
 def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds: float | None = None) -> dict[str, Any]:
     """Train ``cfg`` and return its summary (also written to ``summary.json``).
 
@@ -198,10 +206,11 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
     then run so the best checkpoint reflects the last weights).
     """
     from monai.data import CacheDataset, DataLoader
-    from monai.losses import DiceLoss
+    from monai.losses import DiceCELoss, DiceLoss
     from monai.utils import set_determinism
     from tqdm.auto import tqdm
 
+    from .progress import report
     from .transforms import train_transforms, val_transforms
 
     t_start = time.time()
@@ -229,7 +238,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
     # channels-last (NDHWC) activations: oneDNN's 3-D convolutions were measured 18% faster per
     # training step on this CPU (0.64 vs 0.78 s for four 64^3 crops), cuDNN's too with AMP
     model = build_network(r).to(device, memory_format=torch.channels_last_3d)
-    loss_fn = DiceLoss(to_onehot_y=True, softmax=True)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True) if cfg.loss == "dicece" else DiceLoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.Adam(model.parameters(), r.learning_rate)
     autocast, precision = amp_context(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
@@ -274,6 +283,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
     t_train = time.time()
     epoch = start_epoch - 1
     skipped_total = int(state.get("skipped_steps", 0)) if resume else 0
+    report("training", start_epoch - 1, cfg.epochs, unit="epoch", elapsed_s=elapsed_before)
     bar = tqdm(range(start_epoch, cfg.epochs + 1), desc="train", unit="epoch", disable=not progress, initial=start_epoch - 1, total=cfg.epochs)
     for epoch in bar:
         t_epoch = time.time()
@@ -307,7 +317,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
             row["val_dice_by_source"] = by_source
             if dice > best:
                 best, best_epoch, best_by_source = dice, epoch, by_source
-                save_checkpoint(model, r, out / "best_model.pt", epoch=epoch, best_metric=dice, profile=cfg.profile)
+                save_checkpoint(model, r, out / "best_model.pt", epoch=epoch, best_metric=dice, profile=cfg.profile,
+                                training_data=training_data(cfg))
         row["seconds"] = time.time() - t_epoch
         row["elapsed_s"] = elapsed_before + time.time() - t_train
         with metrics_path.open("a") as f:
@@ -331,6 +342,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
         if wb is not None:
             wb.log({k: v for k, v in row.items() if v is not None}, step=epoch)
         bar.set_postfix(loss=f"{row['loss']:.3f}" if row["loss"] is not None else "nan", best_dice=f"{best:.3f}")
+        report("training", epoch, cfg.epochs, unit="epoch", elapsed_s=row["elapsed_s"],
+               best_val_dice=round(best, 3) if best >= 0 else None)
         if out_of_time:
             break
     bar.close()

@@ -19,6 +19,7 @@ import base64
 import io
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterable, Sequence
@@ -224,14 +225,17 @@ def dataset_table(dataset_dir: str | Path, section: str = "training", with_volum
             lab = load_nifti(item["label"], what="label", dtype=None).array
             row["spleen_ml"] = round(float(np.count_nonzero(lab)) * float(np.prod(spacing)) / 1000.0, 1)
         rows.append(row)
-    return rows
+    return sorted(rows, key=lambda r: natural_key(r["case"]))  # spleen_2 before spleen_10, as the figure
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key that orders the numbers inside names by value (``spleen_2`` before ``spleen_10``)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def geometry_figure(rows: Sequence[dict[str, Any]], title: str = "") -> Figure:
     """Voxel sizes, slice counts and spleen volumes of a dataset (from :func:`dataset_table`)."""
-    import re
-
-    rows = sorted(rows, key=lambda r: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", r["case"])])
+    rows = sorted(rows, key=lambda r: natural_key(r["case"]))
     fig = Figure(figsize=(10, 3.2), layout="constrained")
     ax1, ax2, ax3 = fig.subplots(1, 3)
     inplane = [float(np.mean(r["spacing_mm"][:2])) for r in rows]
@@ -242,7 +246,8 @@ def geometry_figure(rows: Sequence[dict[str, Any]], title: str = "") -> Figure:
         ax1.scatter([inplane[i] for i in idx], [thick[i] for i in idx], label=o, s=30)
     ax1.set_xlabel("in-plane voxel size (mm)")
     ax1.set_ylabel("slice spacing (mm)")
-    ax1.legend(title="stored as", fontsize=8, title_fontsize=8)
+    # the legend sits outside the axes, where it cannot hide a point
+    ax1.legend(title="stored as", fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     ax1.set_title("voxel size per case", fontsize=10)
     names = [r["case"].replace("spleen_", "") for r in rows]
     ax2.bar(names, [r["shape"][2] for r in rows], color="#4C72B0")
@@ -742,7 +747,37 @@ def js_slider(case: ViewCase, max_frames: int = 24, width: int = 288, fps: float
     anim = FuncAnimation(fig, update, frames=len(frames), interval=1000 / fps, blit=False)
     with matplotlib.rc_context({"animation.frame_format": "jpeg", "animation.embed_limit": 40}):
         html = anim.to_jshtml(fps=fps, default_mode="once")
-    return html
+    # open on the slice with the most spleen (not on an empty first slice), with a colour legend
+    start = slider_start(case, max_frames)
+    m = re.search(r"anim(\w+) = new Animation", html)
+    if m and start:
+        html += (f"<script>setTimeout(function() {{ if (typeof anim{m.group(1)} !== 'undefined') "
+                 f"anim{m.group(1)}.set_frame({start}); }}, 50);</script>")
+    return _html_legend(case) + html
+
+
+def slider_start(case: ViewCase, max_frames: int = 24) -> int:
+    """The frame (of :func:`frame_indices`) nearest the axial slice with the most spleen."""
+    mask = case.label if case.label is not None else case.pred
+    z = largest_slice(mask)
+    idx = frame_indices(case.shape[2], max_frames)
+    if z is None or not idx:
+        return 0
+    return int(np.argmin([abs(i - z) for i in idx]))
+
+
+def _html_legend(case: ViewCase) -> str:
+    def swatch(color, text):
+        rgb = ",".join(str(int(round(c * 255))) for c in color[:3])
+        return (f'<span style="display:inline-block;width:1.6em;height:0.25em;background:rgb({rgb});'
+                f'vertical-align:middle;margin:0 0.3em 0 0.8em"></span>{text}')
+
+    parts = []
+    if case.label is not None:
+        parts.append(swatch(GT_COLOR, "ground truth"))
+    if case.pred is not None:
+        parts.append(swatch(PRED_COLOR, "prediction"))
+    return f'<p style="font-size:0.9em">{case.name}, axial slices:{"".join(parts)}</p>' if parts else ""
 
 
 class SliceViewer:

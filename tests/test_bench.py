@@ -19,6 +19,7 @@ from spleen_utils.bench import (
     bench_end_to_end,
     count_flops,
     format_report,
+    report_markdown,
     plot_benchmark,
     run_benchmark,
     summarize_times,
@@ -142,6 +143,9 @@ def test_run_benchmark_writes_the_record(files, tmp_path):
     assert len(e["cases"]) == 1 and e["cases"][0]["speedup"] > 0 and 0 <= e["dice_agreement_min"] <= 1
     text = format_report(doc)
     assert "end to end" in text and "onnx" in text and "speedup" in text
+    md = report_markdown(doc)  # what notebook 08 shows: tables, not fixed-width text
+    assert md.count("|---|") == 2 and "| onnx | fp32 |" in md and "Not run here: tensorrt" in md
+    assert max(len(line) for line in md.splitlines() if not line.startswith("|")) < 1200  # prose wraps in a page
     import matplotlib
 
     matplotlib.use("Agg")

@@ -217,3 +217,14 @@ def test_geometry_figure_orders_cases_naturally(dataset):
     rows = [dict(rows[0], case=f"spleen_{n}") for n in (10, 2, 1)]
     fig = viz.geometry_figure(rows)
     assert [t.get_text() for t in fig.axes[1].get_xticklabels()] == ["1", "2", "10"]
+
+
+def test_js_slider_opens_on_the_spleen_and_has_a_legend(case):
+    html = viz.js_slider(case, max_frames=4, width=64)
+    start = viz.slider_start(case, 4)
+    z = viz.largest_slice(case.label)
+    idx = viz.frame_indices(case.shape[2], 4)
+    assert abs(idx[start] - z) == min(abs(i - z) for i in idx)  # the frame nearest the most spleen
+    if start:
+        assert f".set_frame({start})" in html
+    assert "ground truth" in html and "prediction" in html
