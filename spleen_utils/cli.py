@@ -33,7 +33,9 @@ def _csv_floats(text: str) -> tuple[float, ...]:
 def cmd_data_download(a: argparse.Namespace) -> int:
     from .data import MSD_MD5, MSD_URL, download_msd
 
-    path = download_msd(a.root, url=a.url or MSD_URL, md5=(a.md5 if a.md5 is not None else (MSD_MD5 if not a.url else None)))
+    # a mirror serves the same archive: MONAI's MD5 still applies unless --md5 says otherwise
+    md5 = MSD_MD5 if a.md5 is None else (None if a.md5.strip().lower() == "none" else a.md5)
+    path = download_msd(a.root, url=a.url or MSD_URL, md5=md5)
     print(f"MSD Task09 Spleen is ready in {path}")
     return 0
 
@@ -198,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     dl = dsub.add_parser("download", help="MSD Task09 Spleen from the official mirror (verified, idempotent)")
     dl.add_argument("--root", default="data", help="folder that receives Task09_Spleen/ (default: data)")
     dl.add_argument("--url", help="a mirror of Task09_Spleen.tar")
-    dl.add_argument("--md5", help="expected MD5 of the archive (default: MONAI's published one; none for a --url mirror)")
+    dl.add_argument("--md5", help="expected MD5 of the archive (default: MONAI's published one, also for a --url mirror; "
+                                  "'none' skips the check, with a warning)")
     dl.set_defaults(func=cmd_data_download)
     sy = dsub.add_parser("synthetic", help="write a synthetic CT dataset in the MSD layout (the quick profile's)")
     sy.add_argument("--root", default="data", help="folder that receives Synthetic_Spleen/ (default: data)")

@@ -14,7 +14,10 @@ import os
 import shutil
 import socket
 import urllib.error
+import urllib.request
+import warnings
 from pathlib import Path
+from typing import Any
 
 from .errors import DataError
 
@@ -33,8 +36,19 @@ def read_dataset_json(dataset_dir: str | Path) -> dict:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}).") from None
 
 
-def _resolve(dataset_dir: Path, rel: str) -> Path:
-    return (dataset_dir / rel).resolve()
+def _resolve(dataset_dir: Path, rel: Any) -> Path:
+    """``rel`` inside ``dataset_dir``; an absolute entry, or one that leads outside (``..``, a
+    symbolic link), is refused: a dataset.json must not make a run read files elsewhere."""
+    where = dataset_dir / "dataset.json"
+    if not isinstance(rel, str) or not rel.strip() or "\0" in rel:
+        raise DataError(f"{where}: lists {rel!r}, which is not a file path relative to the dataset folder.")
+    if os.path.isabs(rel) or rel.startswith(("\\", "~")) or (len(rel) > 1 and rel[1] == ":"):
+        raise DataError(f"{where}: lists the absolute path {rel!r}; entries must be relative to the dataset folder.")
+    root = dataset_dir.resolve()
+    path = (root / rel).resolve()
+    if path != root and root not in path.parents:
+        raise DataError(f"{where}: lists {rel!r}, which leads outside the dataset folder; entries must stay inside it.")
+    return path
 
 
 #: the keys of a datalist entry that name files (others, such as ``source`` and ``fold``, are text)
@@ -111,6 +125,10 @@ MSD_URL = "https://msd-for-monai.s3-us-west-2.amazonaws.com/Task09_Spleen.tar"
 MSD_MD5 = "410d4a301da4e5b2f6f86ec3ddba524e"
 #: written last into a finished dataset folder; a folder without it is not complete.
 COMPLETE_MARKER = ".complete"
+#: the most bytes an archive may unpack to (MSD Task09: 1.6 GB in 61 files); more is refused unread
+MAX_EXTRACT_BYTES = 16 * 2**30
+#: the most entries an archive may hold (MSD Task09: under 200)
+MAX_EXTRACT_MEMBERS = 100_000
 
 _RETRY_HINT = "Check your network connection, or pass --url to a reachable mirror."
 
@@ -181,15 +199,32 @@ def _network_reason(err: BaseException, timeout: float) -> str:
     return str(err) or type(err).__name__
 
 
+class _NoDowngradeRedirect(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, except from https to anything but https (the archive would lose TLS)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        from urllib.parse import urljoin, urlsplit
+
+        old, new = urlsplit(req.full_url).scheme.lower(), urlsplit(urljoin(req.full_url, newurl)).scheme.lower()
+        if old == "https" and new != "https":
+            raise DataError(
+                f"could not download MSD Task09 from {req.full_url}: the server redirected to an unencrypted "
+                f"{new or 'relative'} address ({newurl}), which is refused; pass --url to an https mirror."
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _opener() -> urllib.request.OpenerDirector:
+    return urllib.request.build_opener(_NoDowngradeRedirect)
+
+
 def _fetch(url: str, dest: Path, timeout: float, progress: bool) -> str:
     """Stream ``url`` into ``dest``; return the MD5 of what was written. Raises DataError."""
-    import urllib.request
-
     from tqdm import tqdm  # text bar on stderr (tqdm.auto would be a widget in notebooks)
 
     digest = hashlib.md5()
     try:
-        response = urllib.request.urlopen(url, timeout=timeout)
+        response = _opener().open(url, timeout=timeout)
     except ValueError as e:  # "unknown url type", malformed URL
         raise DataError(f"cannot download MSD Task09: {url!r} is not a valid URL ({e}).") from None
     except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts, refused, ...
@@ -245,8 +280,10 @@ def _check_layout(task_root: Path) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"the downloaded archive is corrupt: its dataset.json is not valid JSON ({e}).") from None
     for entry in meta.get("training", []) if isinstance(meta, dict) else []:
-        for rel in entry.values() if isinstance(entry, dict) else [entry]:
-            if not (task_root / rel).is_file():
+        for key, rel in entry.items() if isinstance(entry, dict) else [("image", entry)]:
+            if key not in PATH_KEYS:
+                continue
+            if not _resolve(task_root, rel).is_file():
                 raise DataError(
                     f"the downloaded archive is incomplete: dataset.json lists {rel}, which it does not hold. "
                     "Retry the download, or pass --url/--md5 for a mirror."
@@ -259,12 +296,17 @@ def download_msd(
     md5: str | None = MSD_MD5,
     progress: bool = True,
     timeout: float = 60,
+    max_extract_bytes: int = MAX_EXTRACT_BYTES,
 ) -> Path:
     """Download and extract MSD Task09 into root/Task09_Spleen; returns that folder.
 
     - Idempotent: a folder that a previous call completed (``dataset.json`` plus the
       ``.complete`` marker, written last) is returned at once, without touching the network.
-    - Verified: the archive's MD5 must equal ``md5`` (skip with ``md5=None``).
+    - Verified: the archive's MD5 must equal ``md5``, MONAI's published one by default, whatever
+      ``url`` is (a mirror serves the same file). ``md5=None`` skips the check with a warning,
+      as MONAI does. A redirect from https to http is refused.
+    - Bounded: an archive that would unpack to more than ``max_extract_bytes`` (or more than
+      ``MAX_EXTRACT_MEMBERS`` entries) is refused before anything is written.
     - Atomic: the archive is streamed to ``root/.Task09_Spleen.tar.part`` and unpacked into
       ``root/.Task09_Spleen.extract/`` (MONAI's ``extractall``, which refuses links and paths
       leaving the folder); only a tree with ``dataset.json``, ``imagesTr/`` and ``labelsTr/`` is
@@ -283,6 +325,9 @@ def download_msd(
         md5 = md5.strip().lower()
         if len(md5) != 32 or any(c not in "0123456789abcdef" for c in md5):
             raise DataError(f"{md5!r} is not an MD5 checksum (32 hexadecimal digits).")
+    else:  # MONAI's check_hash logs the same: the archive will be used unverified
+        warnings.warn(f"Expected md5 is None, skip md5 check for the MSD Task09 archive from {url}: "
+                      "nothing can verify the download.", UserWarning, stacklevel=2)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -305,6 +350,7 @@ def download_msd(
                     "retry, or pass --url/--md5 for a mirror."
                 )
             scratch.mkdir()
+            _check_archive_size(part, max_extract_bytes)
             _extract(part, scratch)
             _remove(part)
             task_root = _find_task_root(scratch)
@@ -322,6 +368,28 @@ def download_msd(
             for leftover in (part, scratch, old):
                 _remove(leftover)
     return target
+
+
+def _check_archive_size(archive: Path, max_bytes: int, max_members: int = MAX_EXTRACT_MEMBERS) -> None:
+    """Refuse an archive whose entries would unpack to more than ``max_bytes`` (read from its headers)."""
+    import gzip
+    import lzma
+    import tarfile
+    import zlib
+
+    total = members = 0
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for member in tar:
+                members += 1
+                total += max(int(member.size), 0)
+                if total > max_bytes or members > max_members:
+                    raise DataError(
+                        f"the downloaded MSD Task09 archive would unpack to more than {max_bytes / 2**30:g} GiB "
+                        f"or {max_members:,} files, so it was not unpacked; check --url."
+                    )
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError, OSError):
+        return  # not a readable tar: _extract reports the damage in its own words
 
 
 def _extract(archive: Path, into: Path) -> None:

@@ -100,6 +100,12 @@ class _Server:
                 if mode == "missing":
                     self.send_error(404, "Not Found")
                     return
+                if mode == "redirect":  # body: the address to go to
+                    self.send_response(302)
+                    self.send_header("Location", body.decode())
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-tar")
                 if mode == "ok":
@@ -207,7 +213,8 @@ def test_second_call_makes_no_request(server, msd_tar, tmp_path):
 def test_archive_without_top_folder_and_without_md5(server, tmp_path):
     body = _msd_tar(top=None)
     url = server.serve("/flat.tar", body)
-    out = download_msd(tmp_path, url=url, md5=None, progress=False, timeout=TIMEOUT)
+    with pytest.warns(UserWarning, match="skip md5 check"):  # as MONAI warns when nothing can be verified
+        out = download_msd(tmp_path, url=url, md5=None, progress=False, timeout=TIMEOUT)
     assert msd_is_complete(out) and (out / "imagesTr" / "spleen_3.nii.gz").is_file()
     assert json.loads((out / COMPLETE_MARKER).read_text())["md5"] is None
 
@@ -310,3 +317,122 @@ def test_failed_download_keeps_an_existing_incomplete_folder(tmp_path):
     with pytest.raises(DataError):
         download_msd(tmp_path, url=f"http://127.0.0.1:{_closed_port()}/x.tar", progress=False, timeout=TIMEOUT)
     assert (stale / "dataset.json").exists() and not msd_is_complete(stale)
+
+
+# ------------------------------------------------------------------------------------ hardening (#9)
+
+
+def test_url_keeps_the_known_md5_unless_md5_overrides_it(server, msd_tar, tmp_path, monkeypatch):
+    """A mirror serves the same archive: `--url` alone still checks MONAI's MD5 (it used to skip it)."""
+    from spleen_utils import cli
+
+    url = server.serve("/Task09_Spleen.tar", msd_tar)  # not MONAI's archive, so MONAI's MD5 cannot match
+    assert cli.main(["data", "download", "--root", str(tmp_path / "a"), "--url", url]) == 2
+    _assert_nothing_left(tmp_path / "a")
+    assert cli.main(["data", "download", "--root", str(tmp_path / "b"), "--url", url, "--md5", _md5(msd_tar)]) == 0
+    assert msd_is_complete(tmp_path / "b" / MSD_TASK)
+
+
+def test_nothing_to_verify_warns_as_monai_does(server, msd_tar, tmp_path):
+    from spleen_utils import cli
+
+    url = server.serve("/Task09_Spleen.tar", msd_tar)
+    with pytest.warns(UserWarning, match="skip md5 check"):
+        assert cli.main(["data", "download", "--root", str(tmp_path), "--url", url, "--md5", "none"]) == 0
+    assert json.loads((tmp_path / MSD_TASK / COMPLETE_MARKER).read_text())["md5"] is None
+
+
+def test_https_to_http_redirect_is_refused():
+    import email.message
+    import urllib.request
+
+    from spleen_utils.data import _NoDowngradeRedirect
+
+    handler = _NoDowngradeRedirect()
+    req = urllib.request.Request("https://mirror.example/Task09_Spleen.tar")
+    with pytest.raises(DataError, match="redirected to an unencrypted http address.*https mirror"):
+        handler.redirect_request(req, None, 302, "Found", email.message.Message(), "http://evil.example/x.tar")
+    # https -> https and http -> http redirects are followed as before
+    ok = handler.redirect_request(req, None, 302, "Found", email.message.Message(), "https://other.example/x.tar")
+    assert ok.full_url == "https://other.example/x.tar"
+
+
+def test_http_redirect_is_followed_by_download(server, msd_tar, tmp_path):
+    """The opener download_msd uses still follows ordinary redirects (same scheme)."""
+    url = server.serve("/Task09_Spleen.tar", msd_tar)
+    server.routes["/old.tar"] = ("redirect", url.encode())
+    out = download_msd(tmp_path, url=server.url("/old.tar"), md5=_md5(msd_tar), progress=False, timeout=TIMEOUT)
+    assert msd_is_complete(out) and server.requests == ["/old.tar", "/Task09_Spleen.tar"]
+
+
+def test_archive_over_the_extract_cap_is_refused_before_unpacking(server, tmp_path):
+    body = _msd_tar()
+    url = server.serve("/Task09_Spleen.tar", body)
+    with pytest.raises(DataError, match="would unpack to more than"):
+        download_msd(tmp_path, url=url, md5=_md5(body), progress=False, timeout=TIMEOUT, max_extract_bytes=100)
+    _assert_nothing_left(tmp_path)
+
+
+def test_a_tar_bomb_declaring_huge_members_is_refused(server, tmp_path):
+    """Sizes come from the tar headers: a member declaring 20 GiB is refused without writing a byte."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo(f"{MSD_TASK}/imagesTr/huge.nii")
+        info.size = 20 * 2**30
+        tar.addfile(info)  # the header only: the declared size is what counts
+    body = buf.getvalue()
+    assert len(body) < 100_000
+    url = server.serve("/bomb.tar", body)
+    with pytest.raises(DataError, match="would unpack to more than 16 GiB"):
+        download_msd(tmp_path, url=url, md5=_md5(body), progress=False, timeout=TIMEOUT)
+    _assert_nothing_left(tmp_path)
+
+
+def _dataset(tmp_path: Path, entries) -> Path:
+    d = tmp_path / "ds"
+    (d / "imagesTr").mkdir(parents=True)
+    (d / "labelsTr").mkdir()
+    for sub in ("imagesTr", "labelsTr"):
+        (d / sub / "a.nii.gz").write_bytes(_nii_bytes())
+    (d / "dataset.json").write_text(json.dumps({"training": entries}))
+    return d
+
+
+@pytest.mark.parametrize("bad", ["../outside.nii.gz", "imagesTr/../../outside.nii.gz", "ABS", "link"])
+def test_dataset_json_entries_must_stay_inside_the_dataset(tmp_path, bad):
+    outside = tmp_path / "outside.nii.gz"
+    outside.write_bytes(_nii_bytes())
+    entry = {"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}
+    d = _dataset(tmp_path, [entry])
+    if bad == "ABS":
+        bad = str(outside)
+    elif bad == "link":
+        (d / "imagesTr" / "link.nii.gz").symlink_to(outside)
+        bad = "imagesTr/link.nii.gz"
+    (d / "dataset.json").write_text(json.dumps({"training": [entry, {"image": bad, "label": "./labelsTr/a.nii.gz"}]}))
+    with pytest.raises(DataError, match="absolute path|leads outside the dataset folder") as e:
+        load_datalist(d)
+    assert "\n" not in str(e.value)
+
+
+def test_dataset_json_dotdot_that_stays_inside_is_kept(tmp_path):
+    d = _dataset(tmp_path, [{"image": "imagesTr/../imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}])
+    (item,) = load_datalist(d)
+    assert Path(item["image"]) == (d / "imagesTr" / "a.nii.gz").resolve()
+
+
+def test_downloaded_archive_listing_a_path_outside_is_refused(server, tmp_path):
+    """The archive's own dataset.json is checked the same way before the folder is installed."""
+    files = io.BytesIO()
+    meta = {"training": [{"image": "../../../etc/passwd", "label": "./labelsTr/a.nii.gz"}]}
+    with tarfile.open(fileobj=files, mode="w") as tar:
+        for name, data in [("dataset.json", json.dumps(meta).encode()), ("imagesTr/a.nii.gz", _nii_bytes()),
+                           ("labelsTr/a.nii.gz", _nii_bytes(label=True))]:
+            info = tarfile.TarInfo(f"{MSD_TASK}/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    body = files.getvalue()
+    url = server.serve("/evil.tar", body)
+    with pytest.raises(DataError, match="leads outside the dataset folder"):
+        download_msd(tmp_path, url=url, md5=_md5(body), progress=False, timeout=TIMEOUT)
+    _assert_nothing_left(tmp_path)
