@@ -5,13 +5,23 @@ cached data, sliding-window validation every ``val_interval`` epochs, and the be
 validation Dice. Everything a run produces goes to ``out_dir``:
 
 - ``best_model.pt``  self-describing checkpoint of the best validation Dice (atomic write)
-- ``last.pt``        full state for ``--resume`` (weights, optimizer, scaler, epoch, best, RNG)
+- ``last.pt``        the one combined state for ``--resume`` (see below), written before
+                     ``best_model.pt``, atomically and with ``fsync``
 - ``metrics.jsonl``  one JSON line per epoch
 - ``run.json``       configuration, versions, git revision, data checksums, hardware, times
 - ``summary.json``   best_val_dice, best_epoch, epochs, train_seconds, profile, device, ...
 
-An interrupted run loses at most the epoch in progress: ``--resume`` continues from ``last.pt``
-with the optimizer state, the best metric so far and the metric history intact.
+Exact resume: an interrupted run loses at most the epoch in progress, and ``--resume`` continues
+it as if nothing had happened. ``last.pt`` holds the weights, optimizer, grad scaler, learning-rate
+schedule, best metric (epoch and per source), skipped steps, the metric history and every random
+state (Python, NumPy, torch CPU and CUDA). Every source of randomness of an epoch (crop positions,
+augmentation, shuffling, data-loading workers) is re-seeded at its start from ``(seed, epoch,
+rank)`` alone, so epoch 3 draws the same numbers whether it follows epoch 2 in one process or
+after a restart: 4 epochs straight and 2 + ``--resume`` 2 give the same losses and weights
+(tested on CPU). A crash between ``last.pt`` and ``best_model.pt`` is repaired on resume (the
+saved state names the best epoch; its weights are the saved ones).
+
+Data-parallel training (DDP) under ``torchrun``: see :mod:`spleen_utils.distributed`.
 """
 
 from __future__ import annotations
@@ -21,19 +31,25 @@ import datetime as dt
 import json
 import os
 import platform
+import random
 import subprocess
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
+from . import distributed
 from .config import PROJECT_ROOT, Config
 from .data import dataset_checksums, load_datalist, split_datalist
 from .errors import SpleenError
 from .io import atomic_path
 from .model import atomic_torch_save, build_network, cpu_supports_bf16, library_versions, resolve_device, save_checkpoint
+
+#: what ``last.pt`` holds (``state_format``); a state without it is from before exact resume
+STATE_FORMAT = "spleen_utils.train_state/2"
 
 WANDB_WARNING = "W&B not configured. Training in local mode only"
 
@@ -111,7 +127,9 @@ def validate(model, loader, cfg: Config, device, autocast) -> tuple[float, dict[
     """Validation Dice (spleen channel) with the recipe's sliding window.
 
     Returns the selection metric (the mean over the cases ``cfg.select_on`` names) and the mean
-    Dice per source group.
+    Dice per source group. Under DDP each rank scores its share of the cases (each batch may carry
+    an ``index``: the case's place in the whole validation list); the per-case scores of all ranks
+    are gathered and averaged in that order, so the value is the one a single process computes.
     """
     from monai.data import decollate_batch
     from monai.inferers import sliding_window_inference
@@ -122,8 +140,7 @@ def validate(model, loader, cfg: Config, device, autocast) -> tuple[float, dict[
     n = len(r.labels)
     post_pred, post_label = AsDiscrete(argmax=True, to_onehot=n), AsDiscrete(to_onehot=n)
     metric = DiceMetric(include_background=False, reduction="none")
-    groups: dict[str, list[float]] = {}
-    selected: list[float] = []
+    cases: list[tuple[int, str, float]] = []
     model.eval()
     with torch.no_grad(), autocast():
         for batch in loader:
@@ -133,12 +150,17 @@ def validate(model, loader, cfg: Config, device, autocast) -> tuple[float, dict[
             labels = [post_label(y) for y in decollate_batch(label)]
             scores = metric(y_pred=preds, y=labels).reshape(-1).tolist()
             sources = batch.get("source", ["validation"] * len(scores))
-            for src, score in zip(sources, scores):
-                group = source_group({"source": src})
-                groups.setdefault(group, []).append(float(score))
-                if cfg.select_on == "all" or not group.startswith("real:"):
-                    selected.append(float(score))
+            indices = batch.get("index", [len(cases) + k for k in range(len(scores))])
+            cases += [(int(i), str(src), float(score)) for i, src, score in zip(indices, sources, scores)]
     metric.reset()
+    gathered = sorted(c for part in distributed.all_gather_object(cases) for c in part)
+    groups: dict[str, list[float]] = {}
+    selected: list[float] = []
+    for _, src, score in gathered:
+        group = source_group({"source": src})
+        groups.setdefault(group, []).append(score)
+        if cfg.select_on == "all" or not group.startswith("real:"):
+            selected.append(score)
     by_source = {g: sum(v) / len(v) for g, v in sorted(groups.items())}
     value = sum(selected) / len(selected) if selected else float("nan")
     return value, by_source
@@ -186,6 +208,68 @@ def _read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
     return rows
 
 
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of one epoch on one rank: a function of ``(seed, epoch, rank)`` alone."""
+    return int(np.random.SeedSequence([int(seed), int(epoch), int(rank)]).generate_state(1)[0])
+
+
+def seed_epoch(seed: int, epoch: int, rank: int, dataset, generator: torch.Generator) -> int:
+    """Re-seed every source of randomness of one training epoch.
+
+    Python's and NumPy's global generators, torch (CPU and every CUDA device), the random
+    transforms of ``dataset`` (MONAI's ``set_rnd``: each ``Randomizable`` gets its own seed) and
+    the loader's ``generator`` (its shuffling and the seeds of its worker processes).
+    """
+    from monai.data.utils import set_rnd
+
+    s = epoch_seed(seed, epoch, rank)
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)  # also every CUDA device
+    set_rnd(dataset, s)
+    generator.manual_seed(s)
+    return s
+
+
+def rng_states() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA random states in a form ``torch.load(weights_only=True)`` reads."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+    }
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore :func:`rng_states`; the torch states must be CPU ``ByteTensor`` s (load with ``map_location="cpu"``)."""
+    if "python" in states:
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in states:
+        kind, keys, pos, has_gauss, gauss = states["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(gauss)))
+    if "torch" in states:
+        torch.set_rng_state(states["torch"].cpu())
+    cuda = states.get("cuda") or []
+    if cuda and torch.cuda.is_available():
+        n = min(len(cuda), torch.cuda.device_count())
+        torch.cuda.set_rng_state_all([c.cpu() for c in cuda[:n]])
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Read ``last.pt`` onto the CPU (whatever device wrote it); the caller moves what must move."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged file
+        raise SpleenError(f"{path}: not a readable training state ({type(e).__name__}); start a new run in another --out.") from None
+    if not isinstance(state, dict) or "state_dict" not in state or "epoch" not in state:
+        raise SpleenError(f"{path}: not a training state written by spleen-seg train.")
+    return state
+
+
 def _write_json(path: Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=str))
@@ -199,13 +283,18 @@ def training_data(cfg: Config) -> str:
     return what
 
 
-def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds: float | None = None) -> dict[str, Any]:
+def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds: float | None = None,
+          sync_bn: bool = False) -> dict[str, Any]:
     """Train ``cfg`` and return its summary (also written to ``summary.json``).
 
     ``max_seconds`` stops after the epoch during which the budget ran out (a validation is
     then run so the best checkpoint reflects the last weights).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) this is one rank of a DDP job: gloo on CPU, NCCL on
+    CUDA, each rank caching only its partition of the cases; ``sync_bn`` turns the network's batch
+    norms into ``SyncBatchNorm`` (statistics over all ranks' crops; CUDA only).
     """
-    from monai.data import CacheDataset, DataLoader
+    from monai.data import CacheDataset, DataLoader, partition_dataset
     from monai.losses import DiceCELoss, DiceLoss
     from monai.utils import set_determinism
     from tqdm.auto import tqdm
@@ -221,25 +310,45 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
     if resume and not last_path.exists():
         raise SpleenError(f"{out}: nothing to resume (no last.pt); start without --resume.")
     train_items, val_items = datalists(cfg)  # a bad source or sample name fails before any folder is made
-    out.mkdir(parents=True, exist_ok=True)
 
     device = resolve_device(cfg.device)
+    dist, device = distributed.setup(device)
+    if sync_bn and device.type != "cuda":
+        raise SpleenError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU kernel); leave it out on CPU.")
+    main = dist.is_main
+    progress = progress and main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     set_determinism(seed=cfg.seed)
     r = cfg.recipe
 
-    # the loaders see files only (plus each validation case's source): mixed text keys do not collate
+    # the loaders see files only (plus each validation case's source and place): mixed text keys do
+    # not collate. Under DDP each rank reads and caches only its partition: the training cases padded
+    # so every rank takes the same number of steps, the validation cases split without padding
     files = ("image", "label", "tissue")
-    train_ds = CacheDataset([{k: v for k, v in i.items() if k in files} for i in train_items], train_transforms(r, cfg.appearance_prob, cfg.wild), cache_rate=cfg.cache_rate, num_workers=cfg.num_workers or None, progress=progress)
-    val_ds = CacheDataset([{"image": i["image"], "label": i["label"], "source": i.get("source", "validation")} for i in val_items],
-                          val_transforms(r), cache_rate=cfg.cache_rate, num_workers=cfg.num_workers or None, progress=progress)
-    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers)
+    train_data = [{k: v for k, v in i.items() if k in files} for i in train_items]
+    val_data = [{"image": i["image"], "label": i["label"], "source": i.get("source", "validation"), "index": n}
+                for n, i in enumerate(val_items)]
+    if dist.enabled:
+        train_data = partition_dataset(train_data, num_partitions=dist.world_size, shuffle=True, seed=cfg.seed,
+                                       even_divisible=True)[dist.rank]
+        val_data = partition_dataset(val_data, num_partitions=dist.world_size, even_divisible=False)[dist.rank]
+    train_ds = CacheDataset(train_data, train_transforms(r, cfg.appearance_prob, cfg.wild), cache_rate=cfg.cache_rate, num_workers=cfg.num_workers or None, progress=progress)
+    val_ds = CacheDataset(val_data, val_transforms(r), cache_rate=cfg.cache_rate, num_workers=cfg.num_workers or None, progress=progress)
+    # one generator drives shuffling and the workers' seeds; it is re-seeded at every epoch
+    loader_rng = torch.Generator()
+    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, generator=loader_rng)
     val_loader = DataLoader(val_ds, batch_size=1, num_workers=cfg.num_workers)
 
     # channels-last (NDHWC) activations: oneDNN's 3-D convolutions were measured 18% faster per
     # training step on this CPU (0.64 vs 0.78 s for four 64^3 crops), cuDNN's too with AMP
-    model = build_network(r).to(device, memory_format=torch.channels_last_3d)
+    net = build_network(r)
+    if sync_bn and dist.enabled:
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    net = net.to(device, memory_format=torch.channels_last_3d)
+    model = net  # what trains (DDP's wrapper under torchrun); ``net`` is what is saved and validated
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True) if cfg.loss == "dicece" else DiceLoss(to_onehot_y=True, softmax=True)
-    optimizer = torch.optim.Adam(model.parameters(), r.learning_rate)
+    optimizer = torch.optim.Adam(net.parameters(), r.learning_rate)
     autocast, precision = amp_context(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     schedule = None
@@ -247,9 +356,12 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=r.learning_rate * 0.02)
 
     start_epoch, best, best_epoch, elapsed_before, best_by_source = 1, -1.0, 0, 0.0, {}
+    history: list[dict] = []
+    state: dict[str, Any] = {}
     if resume:
-        state = torch.load(last_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["state_dict"])
+        # onto the CPU first: the RNG states must stay CPU ByteTensors; load_state_dict moves the rest
+        state = load_state(last_path)
+        net.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         if schedule is not None and state.get("schedule"):
@@ -257,11 +369,25 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
         start_epoch, best, best_epoch = state["epoch"] + 1, state["best_metric"], state["best_epoch"]
         best_by_source = json.loads(state.get("best_by_source", "{}"))
         elapsed_before = state.get("train_seconds", 0.0)
-        torch.set_rng_state(state["torch_rng"])
-        history = _read_metrics(metrics_path, state["epoch"])
-        metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
-    elif metrics_path.exists():
+        if "history" in state:
+            history = json.loads(state["history"])
+        else:  # a state from before exact resume: the history lives only in metrics.jsonl
+            history = _read_metrics(metrics_path, state["epoch"])
+        set_rng_states(state.get("rng", {"torch": state["torch_rng"]} if "torch_rng" in state else {}))
+        if main:
+            with atomic_path(metrics_path) as tmp:
+                tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+            # the best epoch's state was saved, then the run stopped before best_model.pt was
+            # written: its weights are the ones just loaded
+            if best_epoch == state["epoch"] and best_epoch > 0 and _checkpoint_epoch(out / "best_model.pt") != best_epoch:
+                save_checkpoint(net, r, out / "best_model.pt", epoch=best_epoch, best_metric=best, profile=cfg.profile,
+                                training_data=training_data(cfg))
+    elif main and metrics_path.exists():
         metrics_path.unlink()
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
     run_info = {
         "config": cfg.to_dict(),
@@ -276,17 +402,24 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
         "data_md5": dataset_checksums(train_items + val_items),
         "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "resumed_at_epoch": start_epoch if resume else None,
+        "world_size": dist.world_size,
+        "distributed_backend": dist.backend,
+        "sync_bn": bool(sync_bn and dist.enabled),
+        "batch_size_global": cfg.batch_size * dist.world_size,
     }
-    _write_json(out / "run.json", run_info)
-    wb = wandb_run(cfg)
+    if main:
+        _write_json(out / "run.json", run_info)
+    wb = wandb_run(cfg) if main else None
 
     t_train = time.time()
     epoch = start_epoch - 1
     skipped_total = int(state.get("skipped_steps", 0)) if resume else 0
-    report("training", start_epoch - 1, cfg.epochs, unit="epoch", elapsed_s=elapsed_before)
+    if main:
+        report("training", start_epoch - 1, cfg.epochs, unit="epoch", elapsed_s=elapsed_before)
     bar = tqdm(range(start_epoch, cfg.epochs + 1), desc="train", unit="epoch", disable=not progress, initial=start_epoch - 1, total=cfg.epochs)
     for epoch in bar:
         t_epoch = time.time()
+        seed_epoch(cfg.seed, epoch, dist.rank, train_ds, loader_rng)
         model.train()
         losses, skipped = [], 0
         for batch in train_loader:
@@ -298,55 +431,80 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
                 logits = model(image)
             # the loss in fp32, outside autocast: a bf16/fp16 softmax and Dice sum can overflow
             loss = loss_fn(logits.float(), label)
-            if not torch.isfinite(loss):
-                skipped += 1  # a non-finite step is skipped, not applied, and counted
+            # a non-finite step is skipped, not applied, and counted (by every rank when one has it:
+            # DDP's gradient averaging needs all ranks in the same backward)
+            if not distributed.all_true(bool(torch.isfinite(loss)), device):
+                skipped += 1
                 continue
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             losses.append(loss.item())
-        row: dict[str, Any] = {"epoch": epoch, "loss": sum(losses) / len(losses) if losses else None, "val_dice": None,
+        if dist.enabled:  # the mean over every rank's steps, as one process would log it
+            parts = distributed.all_gather_object((sum(losses), len(losses), skipped))
+            total, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
+            mean_loss, skipped = (total / count if count else None), max(p[2] for p in parts)
+        else:
+            mean_loss = sum(losses) / len(losses) if losses else None
+        row: dict[str, Any] = {"epoch": epoch, "loss": mean_loss, "val_dice": None,
                                "skipped_steps": skipped, "lr": optimizer.param_groups[0]["lr"]}
         if schedule is not None:
             schedule.step()
         skipped_total += skipped
         out_of_time = max_seconds is not None and elapsed_before + time.time() - t_train >= max_seconds
+        # one rank's clock decides for all: every rank must run the same number of epochs
+        out_of_time = bool(distributed.all_gather_object(out_of_time)[0])
+        new_best = False
         if epoch % cfg.val_interval == 0 or epoch == cfg.epochs or out_of_time:
-            dice, by_source = validate(model, val_loader, cfg, device, autocast)
+            dice, by_source = validate(net, val_loader, cfg, device, autocast)
             row["val_dice"] = dice
             row["val_dice_by_source"] = by_source
             if dice > best:
-                best, best_epoch, best_by_source = dice, epoch, by_source
-                save_checkpoint(model, r, out / "best_model.pt", epoch=epoch, best_metric=dice, profile=cfg.profile,
-                                training_data=training_data(cfg))
+                best, best_epoch, best_by_source, new_best = dice, epoch, by_source, True
         row["seconds"] = time.time() - t_epoch
         row["elapsed_s"] = elapsed_before + time.time() - t_train
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        atomic_torch_save(
-            {
-                "state_dict": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "schedule": schedule.state_dict() if schedule is not None else None,
-                "epoch": epoch,
-                "best_metric": best,
-                "best_epoch": best_epoch,
-                "best_by_source": json.dumps(best_by_source),
-                "skipped_steps": skipped_total,
-                "train_seconds": row["elapsed_s"],
-                "torch_rng": torch.get_rng_state(),
-            },
-            last_path,
-        )
+        history.append(row)
+        if main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            # the combined state first (atomic, fsync'd), then the best model: after a crash between
+            # the two, resume sees that this epoch was the best and rewrites best_model.pt from it
+            atomic_torch_save(
+                {
+                    "state_format": STATE_FORMAT,
+                    "state_dict": net.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "schedule": schedule.state_dict() if schedule is not None else None,
+                    "epoch": epoch,
+                    "best_metric": best,
+                    "best_epoch": best_epoch,
+                    "best_by_source": json.dumps(best_by_source),
+                    "skipped_steps": skipped_total,
+                    "train_seconds": row["elapsed_s"],
+                    "history": json.dumps(history),
+                    "rng": rng_states(),
+                    "seed": cfg.seed,
+                    "world_size": dist.world_size,
+                },
+                last_path,
+            )
+            if new_best:
+                save_checkpoint(net, r, out / "best_model.pt", epoch=epoch, best_metric=best, profile=cfg.profile,
+                                training_data=training_data(cfg))
         if wb is not None:
             wb.log({k: v for k, v in row.items() if v is not None}, step=epoch)
         bar.set_postfix(loss=f"{row['loss']:.3f}" if row["loss"] is not None else "nan", best_dice=f"{best:.3f}")
-        report("training", epoch, cfg.epochs, unit="epoch", elapsed_s=row["elapsed_s"],
-               best_val_dice=round(best, 3) if best >= 0 else None)
+        if main:
+            report("training", epoch, cfg.epochs, unit="epoch", elapsed_s=row["elapsed_s"],
+                   best_val_dice=round(best, 3) if best >= 0 else None)
         if out_of_time:
             break
     bar.close()
+    ranks_in_sync = None
+    if dist.enabled:  # DDP keeps the replicas equal; a check that costs one small gather
+        digests = distributed.all_gather_object(_weights_digest(net))
+        ranks_in_sync = len(set(digests)) == 1
     if wb is not None:
         wb.finish()
 
@@ -369,9 +527,34 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
         "synthetic": cfg.dataset.startswith("Synthetic"),
         "real_train": list(cfg.real_train),
         "real_val": list(cfg.real_val),
+        "world_size": dist.world_size,
     }
-    _write_json(out / "summary.json", summary)
-    run_info["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    run_info["total_seconds"] = round(time.time() - t_start, 1)
-    _write_json(out / "run.json", run_info)
+    if ranks_in_sync is not None:
+        summary["ranks_in_sync"] = ranks_in_sync
+    if main:
+        _write_json(out / "summary.json", summary)
+        run_info["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        run_info["total_seconds"] = round(time.time() - t_start, 1)
+        _write_json(out / "run.json", run_info)
+    distributed.barrier()  # no rank leaves (and tears down the group) before rank 0 has written
     return summary
+
+
+def _weights_digest(net: torch.nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(net.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _checkpoint_epoch(path: Path) -> int | None:
+    """The epoch a best checkpoint was saved at, or ``None`` when there is none readable."""
+    if not path.exists():
+        return None
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True).get("epoch", -1))
+    except Exception:
+        return None

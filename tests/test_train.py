@@ -150,3 +150,104 @@ def test_non_finite_losses_are_skipped_and_counted(tiny_dataset, tmp_path, monke
     assert all(r["loss"] is not None and r["loss"] == r["loss"] for r in rows)  # the mean of the finite steps
     model, _, _ = load_model(tmp_path / "run" / "best_model.pt")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _weights(path):
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def _interrupt_after(monkeypatch, epoch):
+    """An interruption (Ctrl-C) right after ``epoch`` has been saved (at its progress line)."""
+    import spleen_utils.progress as progress_mod
+
+    real = progress_mod.report
+
+    def report(stage, done, *args, **kwargs):
+        real(stage, done, *args, **kwargs)
+        if done == epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(progress_mod, "report", report)
+    return real
+
+
+def test_resume_replays_the_uninterrupted_run_exactly(tiny_dataset, tmp_path, monkeypatch):
+    """4 epochs straight == 2 epochs, an interruption, and --resume for 2 more: same losses, same weights."""
+    import torch
+
+    import spleen_utils.progress as progress_mod
+
+    straight = tmp_path / "straight"
+    train(tiny_config(tiny_dataset, straight, epochs=4), progress=False)
+
+    resumed = tmp_path / "resumed"
+    real = _interrupt_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tiny_dataset, resumed, epochs=4), progress=False)
+    monkeypatch.setattr(progress_mod, "report", real)
+    # the interrupted process's random streams are left somewhere else entirely before the restart
+    torch.manual_seed(12345)
+    train(tiny_config(tiny_dataset, resumed, epochs=4), resume=True, progress=False)
+
+    def rows(run):
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    a, b = rows(straight), rows(resumed)
+    assert [r["epoch"] for r in b] == [1, 2, 3, 4]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["val_dice"] for r in a] == [r["val_dice"] for r in b]
+    wa, wb = _weights(straight / "last.pt"), _weights(resumed / "last.pt")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ba, bb = _weights(straight / "best_model.pt"), _weights(resumed / "best_model.pt")
+    assert all(torch.equal(ba[k], bb[k]) for k in ba)
+    # the combined state holds the history and every random state, readable without code execution
+    state = torch.load(resumed / "last.pt", map_location="cpu", weights_only=True)
+    assert [h["epoch"] for h in json.loads(state["history"])] == [1, 2, 3, 4]
+    assert {"python", "numpy", "torch", "cuda"} <= set(state["rng"])
+    assert state["rng"]["torch"].dtype == torch.uint8 and state["rng"]["torch"].device.type == "cpu"
+
+
+def test_crash_between_state_and_best_model_is_repaired_on_resume(tiny_dataset, tmp_path, monkeypatch):
+    """last.pt is written before best_model.pt; a crash between them loses neither the epoch nor the best."""
+    import torch
+
+    import spleen_utils.train as train_mod
+
+    out = tmp_path / "run"
+    scripted = {1: 0.2, 2: 0.6, 3: 0.4, 4: 0.5}  # epoch 2 is the best; 3 and 4 are worse
+    calls = []
+
+    def validate(model, loader, cfg, device, autocast):
+        calls.append(current["epoch"])
+        return scripted[current["epoch"]], {"phantom": scripted[current["epoch"]]}
+
+    current = {"epoch": 0}
+    real_seed = train_mod.seed_epoch
+
+    def seed_epoch(seed, epoch, rank, dataset, generator):
+        current["epoch"] = epoch
+        return real_seed(seed, epoch, rank, dataset, generator)
+
+    real_save = train_mod.save_checkpoint
+
+    def save_checkpoint(model, recipe, path, **extra):
+        if extra.get("epoch") == 2 and not (out / "crashed").exists():
+            (out / "crashed").touch()
+            raise KeyboardInterrupt  # the power went out after last.pt, before best_model.pt
+        return real_save(model, recipe, path, **extra)
+
+    monkeypatch.setattr(train_mod, "validate", validate)
+    monkeypatch.setattr(train_mod, "seed_epoch", seed_epoch)
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tiny_dataset, out, epochs=4), progress=False)
+    assert torch.load(out / "best_model.pt", map_location="cpu", weights_only=True)["epoch"] == 1
+    epoch2 = _weights(out / "last.pt")
+    summary = train(tiny_config(tiny_dataset, out, epochs=4), resume=True, progress=False)
+    assert len(calls) == 4  # epoch 2 was not trained again
+    best = torch.load(out / "best_model.pt", map_location="cpu", weights_only=True)
+    assert best["epoch"] == 2 and best["best_metric"] == pytest.approx(0.6)
+    assert all(torch.equal(best["state_dict"][k], epoch2[k]) for k in epoch2)
+    assert summary["best_epoch"] == 2 and summary["best_val_dice"] == pytest.approx(0.6)
