@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PROFILE ?= quick
 # torch is pinned in the same pip command as everything else: an unpinned torch pulls CUDA wheels.
-PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check -q torch==2.13.0 -e '.[book,test,serve]'
+PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check -q torch==2.13.0 -e '.[book,test,serve,dicom]'
 
 .PHONY: env reproduce data train predict evaluate test test-fast test-notebooks cpp lab bench clean refresh-notebooks
 
@@ -36,7 +36,7 @@ cpp:
 ## JupyterLab in the project's environment, with the "Python (spleen-seg)" kernel (the notebooks'
 ## kernelspec; they take the GPU when there is one)
 lab: env
-	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0 -e '.[book,test,serve,lab]'
+	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0 -e '.[book,test,serve,dicom,lab]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name spleen-seg --display-name "Python (spleen-seg)" >/dev/null
 	cd notebooks && ../$(BIN)/jupyter lab
 

@@ -136,12 +136,22 @@ def cmd_predict(a: argparse.Namespace) -> int:
     def skipped(path, why):
         print(f"{Path(path).name}: skipped, {why}", file=sys.stderr)
 
-    records = predictor.predict_path(a.input, a.output, on_case=report, on_skip=skipped)
+    records = predictor.predict_path(a.input, a.output, on_case=report, on_skip=skipped, series_uid=a.series_uid)
     if not records:
         raise SpleenError(f"{a.input}: nothing to segment; every file was skipped.")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(records, indent=2))
+    return 0
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    from .dicom import convert
+
+    dv, out = convert(a.input, a.output, series_uid=a.series_uid)
+    v = dv.volume
+    print(f"series {dv.series.key}: {len(dv.headers)} slices, {'x'.join(map(str, v.shape))} voxels of "
+          f"{'x'.join(f'{s:.3g}' for s in v.spacing)} mm, {v.axcodes} -> {out}")
     return 0
 
 
@@ -178,7 +188,14 @@ TRAIN_EXAMPLES = """examples:
 PREDICT_EXAMPLES = """examples:
   spleen-seg predict --model outputs/runs/quick/best_model.pt --input ct.nii.gz --output mask.nii.gz
   spleen-seg predict --model outputs/runs/quick/model.onnx --input scans/ --output masks/
-In a folder, files named like masks (*_label, *_spleen, *_seg, ...) or holding label maps are skipped.
+  spleen-seg predict --model outputs/runs/quick/best_model.pt --input series.zip --output mask.dcm   # DICOM in, DICOM SEG out
+A folder holding DICOM files (or a zip of one) is one series; --series-uid picks one of several.
+In a folder of NIfTI files, files named like masks (*_label, *_spleen, *_seg, ...) or holding label maps are skipped.
+"""
+CONVERT_EXAMPLES = """examples:
+  spleen-seg convert --input dicom/series/ --output ct.nii.gz
+  spleen-seg convert --input study.zip --output ct.nii.gz --series-uid 1.2.840.113619.2.55.3.1
+Slices are sorted along the slice normal; uneven spacing or gantry tilt is refused, not resampled.
 """
 EVALUATE_EXAMPLES = """examples:
   spleen-seg evaluate --pred mask.nii.gz --label spleen.nii.gz
@@ -249,14 +266,22 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="segment NIfTI CT volumes onto their own grid",
                         epilog=PREDICT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     pr.add_argument("--model", required=True, help="best_model.pt, model.onnx or model.engine")
-    pr.add_argument("--input", required=True, help="a .nii/.nii.gz file or a folder of them")
-    pr.add_argument("--output", required=True, help="a file (for a file) or a folder")
+    pr.add_argument("--input", required=True, help="a .nii/.nii.gz file, a folder of them, or a DICOM series (folder or .zip)")
+    pr.add_argument("--output", required=True, help="a file (for a file or series; .dcm writes DICOM SEG) or a folder")
+    pr.add_argument("--series-uid", help="the DICOM series to segment when the input holds several")
     pr.add_argument("--backend", choices=["auto", "torch", "onnx", "tensorrt"], default="auto")
     pr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     pr.add_argument("--precision", choices=["auto", "fp32", "amp"], default="auto", help="auto (default): bf16/fp16 where the hardware runs it natively, else fp32; amp: always mixed (torch backend)")
     pr.add_argument("--no-lcc", action="store_true", help="keep every connected component (default: the largest only)")
     pr.add_argument("--json", help="write a JSON record of each case here")
     pr.set_defaults(func=cmd_predict)
+
+    cv = sub.add_parser("convert", help="a DICOM series (folder or zip) to a NIfTI file in Hounsfield units",
+                        epilog=CONVERT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cv.add_argument("--input", required=True, help="a folder holding a DICOM series (any file names), or a .zip of one")
+    cv.add_argument("--output", required=True, help="the NIfTI file to write (.nii.gz)")
+    cv.add_argument("--series-uid", help="the series to convert when the input holds several (listed if you omit it)")
+    cv.set_defaults(func=cmd_convert)
 
     ev = sub.add_parser("evaluate", help="Dice, HD95 (mm) and volumes (mL) of predictions against labels",
                         epilog=EVALUATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)

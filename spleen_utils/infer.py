@@ -549,17 +549,28 @@ class Predictor:
             raise RuntimeError(f"inverted mask {mask.shape} does not match the input grid {vol.shape}")
         return mask, t
 
-    def predict_file(self, input_path: str | Path, output_path: str | Path) -> dict[str, Any]:
-        """Segment one NIfTI file and write its mask; returns a record of what was done."""
+    def predict_file(self, input_path: str | Path, output_path: str | Path, series_uid: str | None = None) -> dict[str, Any]:
+        """Segment one NIfTI file or DICOM series (folder or zip) and write its mask; returns a record.
+
+        A DICOM input with an output ending in ``.dcm`` gets a DICOM SEG (:mod:`spleen_utils.dicom`).
+        """
+        from .dicom import is_dicom_input, is_seg_name, read_series, write_seg
+
         t0 = time.perf_counter()
-        vol = load_nifti(input_path)
+        series = read_series(input_path, series_uid=series_uid) if is_dicom_input(input_path) else None
+        if series is None and is_seg_name(output_path):
+            raise DataError(f"{output_path}: a DICOM SEG needs a DICOM series as input (a folder or zip); for a NIfTI input write .nii.gz.")
+        vol = series.volume if series is not None else load_nifti(input_path)
         if is_label_array(vol.array):
             raise NotAnImageError(f"{input_path}: holds a label map (whole numbers from {int(vol.array.min())} to "
                             f"{int(vol.array.max())}), not a CT in Hounsfield units; give the image, not its mask.")
         t_load = time.perf_counter() - t0
         mask, t = self.predict_volume(vol)
         t1 = time.perf_counter()
-        save_mask(mask, vol, output_path)
+        if series is not None and is_seg_name(output_path):
+            write_seg(mask, series, output_path, parameters={"backend": self.description})
+        else:
+            save_mask(mask, vol, output_path)
         t["write_s"] = time.perf_counter() - t1
         t["load_s"] = t_load
         t["total_s"] = time.perf_counter() - t0
@@ -573,19 +584,32 @@ class Predictor:
             "spleen_ml": float(mask.sum()) * vol.voxel_ml,
             "backend": self.description,
             "timings": t,
+            **({"series": series.series.key, "slices": len(series.headers)} if series is not None else {}),
         }
 
-    def predict_path(self, input: str | Path, output: str | Path, on_case=None, on_skip=None) -> list[dict[str, Any]]:
+    def predict_path(self, input: str | Path, output: str | Path, on_case=None, on_skip=None,
+                     series_uid: str | None = None) -> list[dict[str, Any]]:
         """A file to a file, or every NIfTI of a folder into a folder (same file names).
 
         In a folder, files named like masks (``*_label``, ``*_spleen``, ...; see
         :data:`spleen_utils.io.MASK_SUFFIXES`) and files whose voxels are a label map are skipped,
-        each reported to ``on_skip(path, why)``.
+        each reported to ``on_skip(path, why)``. A DICOM series (a folder holding DICOM files, or
+        a zip; ``series_uid`` picks one of several) is one volume: its mask goes to ``output``
+        (``.dcm``: DICOM SEG, ``.nii.gz``: NIfTI) or, for a folder, ``<name>_seg.dcm`` in it.
         """
+        from .dicom import is_dicom_input, is_seg_name
+
         input, output = Path(input), Path(output)
         if not input.exists():
             raise DataError(f"{input}: no such file or folder.")
-        if input.is_file():
+        dicom_input = is_dicom_input(input)
+        if not dicom_input and is_seg_name(output) and not output.is_dir():
+            raise DataError(f"{output}: a DICOM SEG needs a DICOM series as input (a folder or zip); for NIfTI input write .nii.gz.")
+        if dicom_input:
+            if output.is_dir() or not (is_nifti_name(output) or is_seg_name(output)):
+                output = output / f"{input.stem if input.is_file() else input.name}_seg.dcm"
+            jobs = [(input, output)]
+        elif input.is_file():
             if output.is_dir() or not is_nifti_name(output):
                 output = output / f"{case_name(input)}.nii.gz"
             jobs = [(input, output)]
@@ -605,10 +629,10 @@ class Predictor:
                 raise DataError(f"{input}: holds only masks ({', '.join(f.name for f in files[:3])}...), no CT image.")
             jobs = [(f, output / f"{case_name(f)}.nii.gz") for f in images]
         records = []
-        single = len(jobs) == 1 and input.is_file()
+        single = len(jobs) == 1 and (input.is_file() or dicom_input)
         for src, dst in jobs:
             try:
-                rec = self.predict_file(src, dst)
+                rec = self.predict_file(src, dst, series_uid=series_uid)
             except NotAnImageError:
                 if single:
                     raise
