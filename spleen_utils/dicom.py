@@ -140,15 +140,15 @@ def _require():
 
 
 @contextlib.contextmanager
-def extracted(path: str | Path, max_files: int = MAX_ZIP_FILES, max_bytes: int = MAX_ZIP_BYTES) -> Iterator[Path]:
+def extracted(path: str | Path, max_files: int = MAX_ZIP_FILES, max_bytes: int = MAX_ZIP_BYTES, name: str | None = None) -> Iterator[Path]:
     """A folder holding the zip's files (a private temporary folder, removed afterwards).
 
     Refuses (:class:`DataError`, one sentence) members with ``..`` or absolute paths, symbolic
     links, encrypted members, more than ``max_files`` members, or more than ``max_bytes``
-    uncompressed bytes (declared or actually streamed).
+    uncompressed bytes (declared or actually streamed). ``name``: how messages call the zip.
     """
     path = Path(path)
-    name = path.name
+    name = name or path.name
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError) as e:
@@ -187,7 +187,7 @@ def extracted(path: str | Path, max_files: int = MAX_ZIP_FILES, max_bytes: int =
 
 
 @contextlib.contextmanager
-def series_folder(path: str | Path, **zip_limits: int) -> Iterator[Path]:
+def series_folder(path: str | Path, name: str | None = None, **zip_limits: int) -> Iterator[Path]:
     """The folder to read a series from: ``path`` itself, or a zip's safely extracted copy."""
     p = Path(path)
     if not p.exists():
@@ -197,7 +197,7 @@ def series_folder(path: str | Path, **zip_limits: int) -> Iterator[Path]:
             if has_dicom_marker(p):
                 raise DataError(f"{p}: is a single DICOM file; give the folder (or a zip) that holds its series.")
             raise DataError(f"{p}: neither a DICOM series folder nor a zip of one.")
-        with extracted(p, **zip_limits) as d:
+        with extracted(p, name=name, **zip_limits) as d:
             yield d
     else:
         yield p
@@ -253,10 +253,11 @@ def _is_image(ds) -> bool:
     ) and "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds and int(getattr(ds, "NumberOfFrames", 1) or 1) == 1
 
 
-def find_series(folder: str | Path) -> list[Series]:
-    """Every image series in ``folder`` (recursively), from headers only."""
+def find_series(folder: str | Path, where: str | None = None) -> list[Series]:
+    """Every image series in ``folder`` (recursively), from headers only; ``where`` names it in messages."""
     pydicom = _require()
     folder = Path(folder)
+    where = where or str(folder)
     groups: dict[Any, Series] = {}
     n_dicom = n_multiframe = 0
     for f in _walk_files(folder):
@@ -288,14 +289,14 @@ def find_series(folder: str | Path) -> list[Series]:
         s.key = f"no-uid-{k + 1}"
     if not series:
         if n_multiframe:
-            raise DataError(f"{folder}: holds only multi-frame (enhanced) DICOM images, which this reader does not take; export the series as single-frame images.")
+            raise DataError(f"{where}: holds only multi-frame (enhanced) DICOM images, which this reader does not take; export the series as single-frame images.")
         if n_dicom:
-            raise DataError(f"{folder}: holds {n_dicom} DICOM files but no image slices with a position and orientation.")
-        raise DataError(f"{folder}: holds no DICOM file (none carries the 'DICM' marker).")
+            raise DataError(f"{where}: holds {n_dicom} DICOM files but no image slices with a position and orientation.")
+        raise DataError(f"{where}: holds no DICOM file (none carries the 'DICM' marker).")
     return series
 
 
-def select_series(series: list[Series], series_uid: str | None, where: str) -> Series:
+def select_series(series: list[Series], series_uid: str | None, where: str, hint: str = "choose one with --series-uid") -> Series:
     if series_uid:
         hits = [s for s in series if series_uid in (s.key, s.uid)]
         if not hits:
@@ -303,7 +304,7 @@ def select_series(series: list[Series], series_uid: str | None, where: str) -> S
         return hits[0]
     if len(series) > 1:
         listing = "; ".join(s.summary() for s in series)
-        raise DataError(f"{where}: holds {len(series)} series ({listing}); choose one with --series-uid.")
+        raise DataError(f"{where}: holds {len(series)} series ({listing}); {hint}.")
     return series[0]
 
 
@@ -381,21 +382,28 @@ def _slice_values(ds, where: str) -> np.ndarray:
     return np.asarray(arr, dtype=np.float32)
 
 
-def read_series(source: str | Path, series_uid: str | None = None, **zip_limits: int) -> DicomVolume:
+def read_series(source: str | Path, series_uid: str | None = None, name: str | None = None,
+                hint: str = "choose one with --series-uid", max_voxels: int | None = None, **zip_limits: int) -> DicomVolume:
     """Read one series from a folder or zip into a volume with an exact RAS affine.
 
     ``series_uid``: the Series Instance UID (or the ``no-uid-N`` label) to take when the source
-    holds several series. Raises :class:`DataError` with one sentence for everything a user can
-    get wrong (see the module docstring).
+    holds several series (``hint`` says how, in the message that lists them). ``name``: how
+    messages call the source (a service passes the client's file name, never its temp path).
+    ``max_voxels``: refuse a larger series before its pixels are decoded. Raises
+    :class:`DataError` with one sentence for everything a user can get wrong (see the module
+    docstring).
     """
     _require()
     source = Path(source)
-    with series_folder(source, **zip_limits) as folder:
-        s = select_series(find_series(folder), series_uid, str(source))
-        where = f"{source} (series {s.key})"
+    display = name or str(source)
+    with series_folder(source, name=name, **zip_limits) as folder:
+        s = select_series(find_series(folder, display), series_uid, display, hint)
+        where = f"{display} (series {s.key})"
         order, lps = geometry(s.headers, where)
         headers = [s.headers[i] for i in order]
         rows, cols = int(headers[0].Rows), int(headers[0].Columns)
+        if max_voxels is not None and rows * cols * len(headers) > max_voxels:
+            raise DataError(f"{where}: {cols}x{rows}x{len(headers)} voxels, more than the {max_voxels} accepted.")
         array = np.empty((cols, rows, len(headers)), dtype=np.float32)
         for k, h in enumerate(headers):
             values = _slice_values(h, where)
@@ -508,3 +516,11 @@ def read_seg(path: str | Path, source: DicomVolume) -> np.ndarray:
                                            assert_missing_frames_are_empty=True)
     return np.ascontiguousarray(px[..., 0].transpose(2, 1, 0)).astype(np.uint8)
 
+
+#: a service's zip limits: files per upload, and bytes for ``max_voxels`` 16-bit voxels plus headers
+SERVICE_MAX_FILES = 2048
+
+
+def upload_limits(max_voxels: int, max_files: int = SERVICE_MAX_FILES) -> dict[str, int]:
+    """Zip limits for an upload whose image may hold ``max_voxels`` voxels (16-bit, uncompressed)."""
+    return {"max_files": int(max_files), "max_bytes": int(2 * max_voxels + max_files * 64 * 1024)}

@@ -6,6 +6,8 @@ Endpoints
                    JSON: spleen volume, bounding box (voxels and world mm), image geometry,
                    inference engine, model SHA-256, timings.
 ``POST /segment``  the same upload -> the mask as ``.nii.gz`` on the upload's exact grid.
+                   A zip of one DICOM series is accepted by both; ``/segment`` then answers a
+                   DICOM SEG (:mod:`spleen_utils.dicom`; hostile zips get 422).
 ``GET /health``    200 ``{"status": "ready"}`` once the model is loaded, 503 before (or if it
                    could not be loaded).
 ``GET /version``   model metadata (the ONNX file's own recipe) and library versions.
@@ -513,6 +515,41 @@ def summarize(mask, vol) -> dict[str, Any]:
     return out
 
 
+# a zipped DICOM series (spleen_utils.dicom): in, a volume on the series' grid; out, a DICOM SEG
+#: stands for the NIfTI header of a zip upload (there is none; the DICOM reader checks the zip)
+_DICOM_ZIP = HeaderInfo(shape=(0, 0, 0), dtype="DICOM series", nbytes=0)
+
+
+def _is_zip_upload(upload: Upload) -> bool:
+    with open(upload.path, "rb") as f:
+        return f.read(4) in (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def _read_dicom_upload(upload: Upload, max_voxels: int):
+    """The series in a zip upload (:func:`spleen_utils.dicom.read_series` with upload limits): 422
+    for a hostile or unsuitable zip, 415 when this server has no DICOM support installed."""
+    from .dicom import read_series, upload_limits
+    from .errors import DataError
+
+    try:
+        return read_series(upload.path, name=upload.filename, hint="upload one series per zip", max_voxels=max_voxels,
+                           **upload_limits(max_voxels))
+    except DataError as e:
+        raise _bad_image("bad_dicom", str(e)) from None
+    except SpleenError:
+        raise ServiceError(415, "dicom_unsupported", "this server cannot read DICOM (its 'dicom' extra is not installed); upload NIfTI.") from None
+
+
+def _write_dicom_seg(mask, series, path: Path) -> None:
+    from .dicom import write_seg
+    from .errors import DataError
+
+    try:
+        write_seg(mask, series, path)
+    except DataError as e:  # e.g. an anonymised series without UIDs
+        raise _bad_image("no_dicom_seg", str(e)) from None
+
+
 # ----------------------------------------------------------------------------------------------
 # the service: model, admission control, the pipeline
 
@@ -636,7 +673,8 @@ class SegmentationService:
 
         t: dict[str, float] = {}
         t0 = time.perf_counter()
-        vol = read_volume(upload, info)
+        series = _read_dicom_upload(upload, self.settings.max_voxels) if info is _DICOM_ZIP else None
+        vol = series.volume if series is not None else read_volume(upload, info)
         t["read_s"] = time.perf_counter() - t0
         with self._lock:
             self.running += 1
@@ -656,6 +694,7 @@ class SegmentationService:
                 "dtype": info.dtype,
             },
             **summarize(mask, vol),
+            **({"dicom": {"series": series.series.key, "slices": len(series.headers)}} if series is not None else {}),
         }
         handle = None
         if mask_file:
@@ -664,7 +703,7 @@ class SegmentationService:
             os.close(fd)
             out = Path(tmp)
             try:
-                save_mask(mask, vol, out)
+                _write_dicom_seg(mask, series, out) if series is not None else save_mask(mask, vol, out)
                 handle = open(out, "rb")  # noqa: SIM115 - closed by the response's generator
             finally:
                 with contextlib.suppress(FileNotFoundError):
@@ -815,7 +854,8 @@ def create_app(settings: ServiceSettings | None = None, service: SegmentationSer
             except TimeoutError:
                 raise ServiceError(408, "upload_timeout", f"the upload did not finish within {service.settings.upload_timeout_s:g} s.") from None
             try:
-                info = await anyio.to_thread.run_sync(inspect_header, upload, service.settings.max_voxels)
+                # a zipped DICOM series has no NIfTI header: spleen_utils.dicom checks the zip and the series
+                info = _DICOM_ZIP if _is_zip_upload(upload) else await anyio.to_thread.run_sync(inspect_header, upload, service.settings.max_voxels)
                 try:
                     record, handle = await service.run_inference(upload, info, mask_file)
                 except MemoryError:
@@ -846,6 +886,7 @@ def create_app(settings: ServiceSettings | None = None, service: SegmentationSer
     async def segment(request: Request):
         out, handle = await run(request, mask_file=True)
         stem = out["filename"].removesuffix(".gz").removesuffix(".nii") or "upload"
+        dicom = "dicom" in out  # a zipped series in, a DICOM SEG out
 
         def chunks():
             try:
@@ -855,13 +896,14 @@ def create_app(settings: ServiceSettings | None = None, service: SegmentationSer
                 handle.close()
 
         headers = {
-            "Content-Disposition": f'attachment; filename="{stem}_spleen_mask.nii.gz"',
+            "Content-Disposition": f'attachment; filename="{stem.removesuffix(".zip")}_spleen_seg.dcm"' if dicom
+            else f'attachment; filename="{stem}_spleen_mask.nii.gz"',
             "X-Request-ID": out["request_id"],
             "X-Spleen-Voxels": str(out["spleen_voxels"]),
             "X-Spleen-Volume-ml": str(out["spleen_volume_ml"]),
             "X-Inference-Engine": out["inference_engine"],
         }
-        return StreamingResponse(chunks(), media_type="application/gzip", headers=headers)
+        return StreamingResponse(chunks(), media_type="application/dicom" if dicom else "application/gzip", headers=headers)
 
     @app.get("/health", summary="200 once the model is loaded, 503 before",
              responses={200: {"content": {"application/json": {"example": {"status": "ready"}}}},

@@ -427,3 +427,87 @@ def test_seg_output_needs_a_dicom_input(tiny_model, tmp_path):
     assert cli.main(["predict", "--model", str(tiny_model), "--input", str(tmp_path / "ct.nii.gz"),
                      "--output", str(tmp_path / "m.dcm"), "--device", "cpu"]) == 2
     assert not (tmp_path / "m.dcm").exists()
+
+
+# ------------------------------------------------------------------ service
+@pytest.fixture(scope="module")
+def service_client(tmp_path_factory):
+    import warnings
+
+    import torch
+
+    from spleen_utils.config import Recipe
+    from spleen_utils.export import export_onnx
+    from spleen_utils.model import build_network, save_checkpoint
+    from spleen_utils.service import ServiceSettings, create_app
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+    d = tmp_path_factory.mktemp("dicom_service")
+    torch.manual_seed(0)
+    tiny = Recipe(channels=(4, 8, 16, 32, 64), patch_size=(32, 32, 32), sw_roi=(64, 64, 64), sw_batch_size=2)
+    save_checkpoint(build_network(tiny), tiny, d / "m.pt")
+    export_onnx(d / "m.pt", d / "m.onnx", validate=False)
+    app = create_app(ServiceSettings(model=d / "m.onnx", sw_roi=(64, 64, 32), tmp_dir=d / "tmp", max_queue=2))
+    with TestClient(app) as client:
+        for _ in range(600):
+            if client.get("/health").status_code == 200:
+                break
+            import time
+
+            time.sleep(0.2)
+        client.tmp_dir = d / "tmp"
+        yield client
+
+
+def _post(client, data: bytes, endpoint="/segment", filename="series.zip"):
+    return client.post(endpoint, files={"file": (filename, data, "application/zip")})
+
+
+def test_service_zip_in_seg_out(service_client, tmp_path):
+    array, affine = body(), affine_for("LPS", spacing=(4.0, 4.0, 5.0))
+    info = write_series(tmp_path / "s", array, affine, names="shuffled", ext="")
+    z = zip_folder(tmp_path / "s", tmp_path / "s.zip").read_bytes()
+    r = _post(service_client, z)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/dicom"
+    assert r.headers["content-disposition"].endswith('series_spleen_seg.dcm"')
+    (tmp_path / "seg.dcm").write_bytes(r.content)
+    seg = hd.seg.segread(str(tmp_path / "seg.dcm"))
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == info["series"]
+    back = read_seg(tmp_path / "seg.dcm", read_series(tmp_path / "s"))
+    assert int(back.sum()) == int(r.headers["x-spleen-voxels"])
+    j = _post(service_client, z, endpoint="/predict")
+    assert j.status_code == 200, j.text
+    assert j.json()["dicom"] == {"series": info["series"], "slices": array.shape[2]}
+    assert j.json()["image"]["shape"] == list(array.shape)
+    assert sorted(p.name for p in service_client.tmp_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("hostile", ["dotdot", "symlink", "mixed", "anonymised"])
+def test_service_refuses_hostile_zips_with_4xx_json(service_client, tmp_path, hostile):
+    write_series(tmp_path / "s", body(), affine_for("RAS", spacing=(4.0, 4.0, 5.0)), uids=hostile != "anonymised")
+    buf = tmp_path / "h.zip"
+    with zipfile.ZipFile(buf, "w") as zf:
+        for f in sorted((tmp_path / "s").iterdir()):
+            _member(zf, f.name, f.read_bytes())
+        if hostile == "dotdot":
+            _member(zf, "../../x", b"x")
+        elif hostile == "symlink":
+            _member(zf, "l", b"/etc/passwd", mode=stat.S_IFLNK | 0o777)
+        elif hostile == "mixed":
+            write_series(tmp_path / "o", body(), affine_for("LPS", spacing=(4.0, 4.0, 5.0)))
+            for f in sorted((tmp_path / "o").iterdir()):
+                _member(zf, f"o/{f.name}", f.read_bytes())
+    r = _post(service_client, buf.read_bytes())
+    assert r.status_code == 422, r.text
+    body_ = r.json()
+    assert body_["error"] == ("no_dicom_seg" if hostile == "anonymised" else "bad_dicom")
+    assert str(service_client.tmp_dir) not in body_["detail"] and "/tmp" not in body_["detail"]
+    assert "series.zip" in body_["detail"] or hostile == "anonymised"
+    if hostile == "mixed":
+        assert "one series per zip" in body_["detail"]
+    if hostile == "anonymised":  # no SEG can reference it, but it can still be measured
+        assert _post(service_client, buf.read_bytes(), endpoint="/predict").status_code == 200
+    assert sorted(p.name for p in service_client.tmp_dir.iterdir()) == []
