@@ -109,12 +109,32 @@ def ensure_dataset(cfg, progress: bool = True) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    from . import distributed
     from .train import train
 
     cfg = config_from_args(a)
-    ensure_dataset(cfg, progress=not a.quiet)
+    if a.nproc_per_node is not None and a.nproc_per_node < 1:
+        raise SpleenError(f"--nproc-per-node must be at least 1, not {a.nproc_per_node}.")
+    if (a.nproc_per_node or 1) > 1 and not distributed.launched_by_torchrun():
+        # one machine, N processes: torchrun starts them, each runs this command without the option
+        ensure_dataset(cfg, progress=not a.quiet)
+        argv = getattr(a, "argv", None) or sys.argv[1:]
+        argv = argv[argv.index("train") + 1:] if "train" in argv else argv
+        return distributed.launch(distributed.strip_option(argv, "--nproc-per-node"), a.nproc_per_node)
+    if distributed.launched_by_torchrun():  # under torchrun: join the job, write the data once per node
+        from .model import resolve_device
+
+        distributed.setup(resolve_device(cfg.device))
+    with distributed.local_main_first():
+        ensure_dataset(cfg, progress=not a.quiet and distributed.current().local_rank == 0)
     max_seconds = a.max_minutes * 60 if a.max_minutes else None
-    summary = train(cfg, resume=a.resume, progress=not a.quiet, max_seconds=max_seconds)
+    try:
+        summary = train(cfg, resume=a.resume, progress=not a.quiet, max_seconds=max_seconds, sync_bn=a.sync_bn)
+        rank = distributed.current().rank
+    finally:
+        distributed.cleanup()
+    if rank != 0:
+        return 0  # rank 0 reports
     print(json.dumps(summary, indent=2))
     print(f"best model: {Path(cfg.out_dir) / 'best_model.pt'}")
     return 0
@@ -184,6 +204,9 @@ TRAIN_EXAMPLES = """examples:
   spleen-seg train --epochs 5 --out outputs/runs/try # a short run in its own folder
   spleen-seg train --resume --out outputs/runs/try   # continue an interrupted run
   spleen-seg train --profile full                    # MSD Task09 on a GPU (spleen-seg data download first)
+  spleen-seg train --profile full --nproc-per-node 4 # 4 GPUs of one machine (DDP through torchrun)
+  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint node0:29400 --rdzv-id job1 \\
+      -m spleen_utils.cli train --profile full       # several machines: the same command on each node
 """
 PREDICT_EXAMPLES = """examples:
   spleen-seg predict --model outputs/runs/quick/best_model.pt --input ct.nii.gz --output mask.nii.gz
@@ -260,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--loss", choices=["dice", "dicece"], help="training loss: dice (the recipe's) or dicece (Dice + cross-entropy)")
     t.add_argument("--select-on", choices=["generated", "all"], help="validation cases that choose the best checkpoint (default: generated)")
     t.add_argument("--max-minutes", type=float, help="stop (after validating) once this much training time has passed")
+    t.add_argument("--nproc-per-node", type=int, help="data-parallel processes on this machine (DDP through torchrun; one per GPU, gloo on CPU)")
+    t.add_argument("--sync-bn", action="store_true", help="with several GPUs: batch-norm statistics over all processes (SyncBatchNorm)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
 
@@ -307,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"monai\..*")
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as typed (train re-launches it under torchrun)
     try:
         return int(args.func(args) or 0)
     except SpleenError as e:

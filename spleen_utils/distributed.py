@@ -97,6 +97,21 @@ def current() -> Dist:
                 backend=td.get_backend())
 
 
+def broadcast_buffers(net: torch.nn.Module) -> None:
+    """Rank 0's buffers (batch-norm running statistics) on every rank.
+
+    DDP averages gradients, so parameters stay equal, but each rank updates its running
+    statistics from its own crops; DDP copies rank 0's at the next forward. Validating or saving
+    in between would use statistics that differ per rank, so they are made equal first.
+    """
+    import torch.distributed as td
+
+    if not (td.is_available() and td.is_initialized()):
+        return
+    for b in net.buffers():
+        td.broadcast(b.data, src=0)
+
+
 def barrier() -> None:
     import torch.distributed as td
 

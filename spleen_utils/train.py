@@ -387,6 +387,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
+        # channels-last 1x1x1 kernels have two valid stride sets; DDP's bucket views pick the other
+        # one and warn at every step (a copy, not an error)
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
     run_info = {
@@ -406,6 +409,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
         "distributed_backend": dist.backend,
         "sync_bn": bool(sync_bn and dist.enabled),
         "batch_size_global": cfg.batch_size * dist.world_size,
+        # what each rank read and cached (its partition; the training cases padded to equal shares)
+        "cases_per_rank": {"train": distributed.all_gather_object(len(train_data)),
+                           "val": distributed.all_gather_object(len(val_data))},
     }
     if main:
         _write_json(out / "run.json", run_info)
@@ -440,6 +446,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
             scaler.step(optimizer)
             scaler.update()
             losses.append(loss.item())
+        distributed.broadcast_buffers(net)  # one set of batch-norm statistics to validate and save
         if dist.enabled:  # the mean over every rank's steps, as one process would log it
             parts = distributed.all_gather_object((sum(losses), len(losses), skipped))
             total, count = sum(p[0] for p in parts), sum(p[1] for p in parts)

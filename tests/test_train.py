@@ -251,3 +251,62 @@ def test_crash_between_state_and_best_model_is_repaired_on_resume(tiny_dataset, 
     assert best["epoch"] == 2 and best["best_metric"] == pytest.approx(0.6)
     assert all(torch.equal(best["state_dict"][k], epoch2[k]) for k in epoch2)
     assert summary["best_epoch"] == 2 and summary["best_val_dice"] == pytest.approx(0.6)
+
+
+def test_two_process_ddp_run_writes_what_one_process_writes_and_its_metric_means_the_same(tiny_dataset, tmp_path):
+    """`spleen-seg train --nproc-per-node 2`: torchrun, gloo on CPU, 2 epochs on the tiny set."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from monai.data import CacheDataset, DataLoader
+
+    from spleen_utils.train import amp_context, datalists, validate
+    from spleen_utils.transforms import val_transforms
+
+    args = ["--data", str(tiny_dataset), "--epochs", "2", "--val-cases", "2", "--val-interval", "1", "--batch-size", "1",
+            "--num-samples", "2", "--patch-size", "32,32,32", "--sw-roi", "64,64,64", "--pixdim", "4,4,4", "--lr", "3e-3",
+            "--device", "cpu", "--no-amp", "--real-train", "none", "--real-val", "none", "--appearance-prob", "0", "--quiet"]
+    ddp = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "spleen_utils.cli", "train", *args, "--out", str(ddp), "--nproc-per-node", "2"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # one process, same settings, one epoch: the files a run writes
+    single = tmp_path / "single"
+    cfg = tiny_config(tiny_dataset, single, epochs=1)
+    train(get_config("quick", **{**{k: getattr(cfg, k) for k in ("data_root", "dataset", "device", "amp")},
+                                 **cfg.recipe.to_dict(), "out_dir": single, "epochs": 1, "val_cases": 2,
+                                 "real_train": (), "real_val": (), "appearance_prob": 0.0}), progress=False)
+    assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in single.iterdir())
+
+    run = json.loads((ddp / "run.json").read_text())
+    summary = json.loads((ddp / "summary.json").read_text())
+    assert run["world_size"] == 2 and run["distributed_backend"] == "gloo" and summary["world_size"] == 2
+    assert run["cases_per_rank"] == {"train": [1, 1], "val": [1, 1]}  # each rank read and cached its share only
+    assert summary["ranks_in_sync"] is True  # every rank's weights and batch-norm statistics equal at the end
+    rows = [json.loads(line) for line in (ddp / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and all(r["loss"] == r["loss"] for r in rows)
+
+    # the gathered metric is the one a single process computes over all validation cases
+    model, recipe, meta = load_model(ddp / "best_model.pt")
+    state = torch.load(ddp / "last.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state["state_dict"])
+    dcfg = get_config("quick", data_root=tiny_dataset.parent, dataset=tiny_dataset.name, val_cases=2, real_train=(),
+                      real_val=(), **{k: v for k, v in recipe.to_dict().items()})
+    _, val_items = datalists(dcfg)
+    assert len(val_items) == 2
+    loader = DataLoader(CacheDataset([{"image": i["image"], "label": i["label"]} for i in val_items], val_transforms(recipe),
+                                     progress=False), batch_size=1)
+    value, _ = validate(model, loader, dcfg, torch.device("cpu"), amp_context(torch.device("cpu"), False)[0])
+    assert value == pytest.approx(rows[-1]["val_dice"], abs=1e-5)
+    # and the checkpoint predicts: a mask of the input's own grid
+    from spleen_utils.infer import Predictor
+
+    pred = Predictor.from_path(ddp / "best_model.pt", backend="torch", device="cpu", progress=False)
+    rec = pred.predict_file(tiny_dataset / "imagesTr" / "spleen_4.nii.gz", tmp_path / "mask.nii.gz")
+    from spleen_utils.io import load_nifti
+
+    assert load_nifti(tmp_path / "mask.nii.gz").shape == load_nifti(tiny_dataset / "imagesTr" / "spleen_4.nii.gz").shape
+    assert rec["output"]
