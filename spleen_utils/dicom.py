@@ -56,9 +56,15 @@ from .io import Volume, atomic_path
 #: zip limits for a command-line input (the service passes tighter ones)
 MAX_ZIP_FILES = 10_000
 MAX_ZIP_BYTES = 4 << 30
-#: relative tolerance on slice gaps (0.1 %, at least 0.01 mm) and on in-plane drift (tilt)
-GAP_RTOL = 1e-3
-GAP_ATOL_MM = 0.01
+#: tolerance on the gaps between slices: 1 % of the gap, at least 0.02 mm (scanners round
+#: ImagePositionPatient to a few decimals)
+GAP_RTOL = 1e-2
+GAP_ATOL_MM = 0.02
+#: the most any slice origin may sit off the line through the first one along the normal (in-plane
+#: drift, i.e. gantry tilt): a fifth of a pixel, at least 0.05 mm. Below it the stack is taken as
+#: straight (the affine's slice axis is the normal) and no voxel moves by more than that.
+TILT_PIXEL_FRACTION = 0.2
+TILT_ATOL_MM = 0.05
 #: cosine tolerance for "the same orientation"
 ORIENT_TOL = 1e-4
 #: how many files the DICOM-or-NIfTI sniff of a folder looks at
@@ -351,13 +357,14 @@ def geometry(headers: list[Any], where: str) -> tuple[list[int], np.ndarray]:
     if gaps.max() - gaps.min() > tol:
         raise DataError(f"{where}: uneven slice spacing ({gaps.min():.3f} to {gaps.max():.3f} mm between slices, missing or extra slices?); "
                         f"this reader refuses it rather than resample silently.")
-    steps = np.diff(pos, axis=0)
-    drift = steps - np.outer(steps @ n, n)  # in-plane part of each step: zero unless the gantry was tilted
-    if np.abs(drift).max() > max(GAP_ATOL_MM, GAP_RTOL * float(np.median(gaps))) * 10:
-        tilt = float(np.degrees(np.arctan2(np.linalg.norm(drift, axis=1).max(), float(np.median(gaps)))))
+    offsets = pos - pos[0]
+    drift = np.linalg.norm(offsets - np.outer(offsets @ n, n), axis=1)  # in-plane offset of each origin: zero unless tilted
+    if drift.max() > max(TILT_ATOL_MM, TILT_PIXEL_FRACTION * min(ps)):
+        k = int(np.argmax(drift))
+        tilt = float(np.degrees(np.arctan2(drift[k], along[k] - along[0])))
         raise DataError(f"{where}: the slices are sheared (gantry tilt of about {tilt:.1f} degrees); this reader refuses a tilted series "
                         f"rather than resample it silently.")
-    step = (pos[-1] - pos[0]) / (len(pos) - 1)
+    step = n * (along[-1] - along[0]) / (len(pos) - 1)  # straight along the normal (drift is below a fifth of a pixel)
     lps = np.eye(4)
     lps[:3, 0] = r * ps[1]  # array axis 0: along a row (column index), column spacing
     lps[:3, 1] = c * ps[0]  # array axis 1: down a column (row index), row spacing

@@ -60,7 +60,7 @@ def affine_for(kind: str, spacing=(0.8, 0.9, 2.5)) -> np.ndarray:
 
 def write_series(folder: Path, array: np.ndarray, affine: np.ndarray, *, names="ordered", ext=".dcm", uids=True,
                  slope=1.0, intercept=-1024.0, drop=None, tilt_mm=0.0, series_uid=None, study_uid=None,
-                 instance_numbers="reversed", description="generated CT", seed=0, compress=None) -> dict:
+                 instance_numbers="reversed", description="generated CT", seed=0, compress=None, ipp_decimals=6) -> dict:
     """Write ``array`` (x, y, z; RAS ``affine``) as single-frame CT slices: slice k = array[:, :, k],
     rows along y, columns along x. Returns the UIDs used."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -100,7 +100,7 @@ def write_series(folder: Path, array: np.ndarray, affine: np.ndarray, *, names="
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         pos = lps @ np.array([0, 0, k, 1.0])
         pos = pos[:3] + c * tilt_mm * k  # a tilted gantry: slice origins drift down the columns
-        ds.ImagePositionPatient = [f"{v:.6f}" for v in pos]
+        ds.ImagePositionPatient = [f"{v:.{ipp_decimals}f}" for v in pos]
         ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*r, *c)]
         ds.PixelSpacing = [f"{sy:.6f}", f"{sx:.6f}"]  # row spacing (along y), column spacing (along x)
         ds.SliceThickness = f"{np.linalg.norm(lps[:3, 2]):.4f}"
@@ -219,10 +219,25 @@ def test_uneven_spacing_is_refused(tmp_path):
         read_series(tmp_path / "s")
 
 
-def test_gantry_tilt_is_refused(tmp_path):
-    write_series(tmp_path / "s", volume(), affine_for("RAS"), tilt_mm=0.5)
+@pytest.mark.parametrize("tilt_mm", [0.5, 0.1])
+def test_gantry_tilt_is_refused(tmp_path, tilt_mm):
+    """0.5 mm per 2.5 mm slice is 11 degrees; 0.1 mm is 2.3 degrees and 0.7 mm (most of a pixel) by the last slice."""
+    write_series(tmp_path / "s", volume(), affine_for("RAS"), tilt_mm=tilt_mm)
     with pytest.raises(DataError, match="gantry tilt"):
         read_series(tmp_path / "s")
+
+
+def test_positions_rounded_by_the_scanner_are_accepted(tmp_path):
+    """ImagePositionPatient with two decimals (as some scanners write it): not uneven, not tilted, and
+    the affine stays orthogonal (so the fast prediction path, not the sheared one, takes it)."""
+    array, affine = volume(), affine_for("RAS", spacing=(0.7, 0.7, 0.625))
+    affine[:3, 3] = (-12.3456, 7.891, 3.3333)
+    write_series(tmp_path / "s", array, affine, ipp_decimals=2)
+    got = read_series(tmp_path / "s").volume
+    assert np.array_equal(got.array, array)
+    m = got.affine[:3, :3]
+    assert np.allclose(m.T @ m, np.diag(np.diag(m.T @ m)), atol=1e-9)
+    assert np.allclose(got.affine, affine, atol=0.01)
 
 
 def test_duplicate_positions_are_refused(tmp_path):
