@@ -531,3 +531,64 @@ SERVICE_MAX_FILES = 2048
 def upload_limits(max_voxels: int, max_files: int = SERVICE_MAX_FILES) -> dict[str, int]:
     """Zip limits for an upload whose image may hold ``max_voxels`` voxels (16-bit, uncompressed)."""
     return {"max_files": int(max_files), "max_bytes": int(2 * max_voxels + max_files * 64 * 1024)}
+
+
+# ---------------------------------------------------------------------------------------------
+# NIfTI -> a DICOM series (for the tutorial and for trying the DICOM path without a scanner)
+
+
+def write_series(volume: Volume, folder: str | Path, *, series_description: str = "spleen-seg example CT",
+                 patient_name: str = "Example^Spleen", compress: str | None = None, file_names: str = "IM{:04d}") -> list[Path]:
+    """Write a CT volume as a single-frame DICOM CT series (one file per slice along array axis 2).
+
+    Voxels are stored as int16 with RescaleIntercept -1024 (rounded to whole HU); the geometry is
+    the volume's exact affine (RAS to DICOM's LPS). ``compress``: a transfer syntax UID to encode
+    with (``pydicom.uid.JPEG2000Lossless``, ``JPEGLSLossless``, ``RLELossless``), or None for
+    explicit VR little endian. The patient name is a placeholder: this is example data. A
+    sheared affine (columns not orthogonal) cannot be stored as DICOM slices and is refused.
+    """
+    _require()
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lps = np.linalg.inv(LPS_TO_RAS) @ np.asarray(volume.affine, dtype=np.float64)
+    sx, sy, sz = (float(np.linalg.norm(lps[:3, i])) for i in range(3))
+    r, c = lps[:3, 0] / sx, lps[:3, 1] / sy
+    n = np.cross(r, c)
+    if abs(r @ c) > 1e-6 or abs(abs(n @ lps[:3, 2]) / sz - 1) > 1e-6:
+        raise DataError("the volume's affine is sheared (its axes are not orthogonal); it cannot be written as DICOM slices.")
+    hu = np.rint(np.asarray(volume.array, dtype=np.float64))
+    if hu.min() < -32768 + 1024 or hu.max() > 32767 - 1024:
+        raise DataError(f"the volume's values ({hu.min():g} to {hu.max():g}) do not fit 16-bit CT with intercept -1024.")
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    written = []
+    for k in range(hu.shape[2]):
+        sop = generate_uid()
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, sop
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = patient_name, "EXAMPLE", "", "O"
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "120000", "1", "", ""
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = "CT", 1, k + 1, series_description[:64]
+        ds.Manufacturer, ds.PositionReferenceIndicator, ds.ImageType = "spleen-seg", "", ["DERIVED", "SECONDARY", "AXIAL"]
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in (lps @ np.array([0.0, 0.0, k, 1.0]))[:3]]
+        ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*r, *c)]
+        ds.PixelSpacing = [f"{sy:.6f}", f"{sx:.6f}"]  # between rows (array axis 1), between columns (axis 0)
+        ds.SliceThickness = f"{sz:.6f}"
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows, ds.Columns = hu.shape[1], hu.shape[0]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = "1", "-1024", "HU"
+        ds.PixelData = np.ascontiguousarray((hu[:, :, k].T + 1024).astype(np.int16)).tobytes()
+        if compress is not None:
+            ds.compress(compress)
+        path = folder / file_names.format(k + 1)
+        ds.save_as(path, enforce_file_format=True)
+        written.append(path)
+    return written

@@ -526,3 +526,21 @@ def test_service_refuses_hostile_zips_with_4xx_json(service_client, tmp_path, ho
     if hostile == "anonymised":  # no SEG can reference it, but it can still be measured
         assert _post(service_client, buf.read_bytes(), endpoint="/predict").status_code == 200
     assert sorted(p.name for p in service_client.tmp_dir.iterdir()) == []
+
+
+def test_library_writer_round_trips_a_shipped_ct_geometry(tmp_path):
+    """spleen_utils.dicom.write_series (for the tutorial) -> read_series: same HU, same affine."""
+    from spleen_utils.dicom import write_series as library_write_series
+    from spleen_utils.io import Volume
+
+    array, affine = volume(shape=(34, 33, 5), seed=12), affine_for("oblique")
+    vol = Volume(array=array, affine=affine, header=nib.Nifti1Header())
+    files = library_write_series(vol, tmp_path / "s", compress=pydicom.uid.JPEG2000Lossless)
+    assert len(files) == 5
+    got = read_series(tmp_path / "s").volume
+    equal, err = same_world(array, affine, got.array, got.affine)
+    assert equal and err < 1e-4
+    sheared = affine.copy()
+    sheared[0, 2] += 1.0
+    with pytest.raises(DataError, match="sheared"):
+        library_write_series(Volume(array=array, affine=sheared, header=nib.Nifti1Header()), tmp_path / "x")
