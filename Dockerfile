@@ -7,6 +7,10 @@
 # or bake a model into the image (BuildKit builds only the stages the target needs):
 #   docker build --target baked --build-arg MODEL=outputs/runs/quick/model.onnx -t spleen-seg-service:baked .
 
+# The base image is named by its tag: its digest could not be looked up where this file was
+# written (no registry client, no network to Docker Hub). Pin it before a release with
+#   docker buildx imagetools inspect python:3.11-slim --format '{{json .Manifest.Digest}}'
+# and write the digest into the FROM line below: FROM python:3.11-slim@sha256:<digest> AS base
 FROM python:3.11-slim AS base
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -16,21 +20,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Only what the service imports, pinned as in pyproject.toml, in ONE pip command so that torch is
-# the CPU wheel from PyTorch's CPU index (an unpinned torch from PyPI brings several GB of CUDA).
-# The Predictor's transforms and the ONNX backend's tensors need torch; the largest-connected-
-# component step needs scikit-image. No onnx, matplotlib or Jupyter: the service does not use them.
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu \
-        torch==2.13.0+cpu \
-        monai==1.6.1 \
-        nibabel==5.4.2 \
-        numpy==2.4.6 \
-        scipy==1.17.1 \
-        scikit-image==0.26.0 \
-        onnxruntime==1.32.0 \
-        fastapi==0.165.0 \
-        uvicorn==0.54.0 \
-        python-multipart==0.0.34
+# Only what the service imports, pinned as in pyproject.toml and hash-locked with everything they
+# pull in (requirements-docker.txt): torch is the CPU wheel from PyTorch's CPU index (an unpinned
+# torch from PyPI brings several GB of CUDA). The Predictor's transforms and the ONNX backend's
+# tensors need torch; the largest-connected-component step needs scikit-image. No onnx,
+# matplotlib or Jupyter: the service does not use them. A changed or substituted wheel fails
+# the build (--require-hashes); --no-deps: the file lists every package itself.
+COPY requirements-docker.txt ./
+RUN pip install --require-hashes --no-deps -r requirements-docker.txt
 
 COPY pyproject.toml README.md ./
 COPY spleen_utils ./spleen_utils
@@ -42,13 +39,18 @@ RUN pip install --no-deps . \
 ENV SPLEEN_MODEL=/models/model.onnx \
     SPLEEN_MAX_UPLOAD_MB=512 \
     SPLEEN_MAX_CONCURRENCY=1 \
-    SPLEEN_MAX_QUEUE=4
+    SPLEEN_MAX_QUEUE=4 \
+    SPLEEN_HEARTBEAT_FILE=/tmp/spleen-heartbeat.json
 
 EXPOSE 8000
 
-# /health is 200 only once the model is loaded; urllib raises on 503, so the check fails then
+# Healthy = the heartbeat file says "ready" and is fresh. The event loop rewrites it every 5 s
+# once the model is loaded, so the check fails while loading, when the loop stalls, or when the
+# process is gone; and it opens no connection, so a flood of half-open connections (which fails
+# an HTTP probe once the connection cap is reached) cannot mark a working service unhealthy.
+# GET /health stays the probe for a load balancer or a reverse proxy (see book/service.md).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+    CMD ["python", "-c", "import os, sys; from spleen_utils.service import check_heartbeat; ok, msg = check_heartbeat(os.environ['SPLEEN_HEARTBEAT_FILE']); print(msg); sys.exit(0 if ok else 1)"]
 
 USER spleen
 

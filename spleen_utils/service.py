@@ -99,11 +99,23 @@ class ServiceSettings:
     sw_batch_size: int | None = None  # windows per network call (default: the model's recipe)
     lcc: bool = True  # keep the largest connected component only
     tmp_dir: Path | None = None  # where uploads go (default: a fresh folder, removed at shutdown)
-    upload_timeout_s: float = 300.0  # a slower upload gets 408 and frees its slot
+    upload_timeout_s: float = 300.0  # an upload still unfinished after this gets 408
+    upload_grace_s: float = 10.0  # seconds an upload may take before the minimum rate applies
+    upload_min_kbps: float = 32.0  # KiB/s an upload must keep up after the grace (0: no minimum)
+    max_uploads: int = 16  # uploads streaming at once; more get 503 + Retry-After
+    inference_timeout_s: float = 600.0  # an inference running longer is stopped: 503 + Retry-After
+    header_timeout_s: float = 10.0  # a connection must send complete request headers within this
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 512  # open connections; more get 503 + Retry-After at once
+    heartbeat_file: Path | None = None  # rewritten every few seconds while ready (the Docker health check)
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def upload_min_bytes_per_s(self) -> float:
+        return self.upload_min_kbps * 1024.0
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> "ServiceSettings":
@@ -120,22 +132,17 @@ class ServiceSettings:
         return s
 
     def validate(self) -> None:
+        """Refuse any setting the service could not run with, in one sentence naming it (at start-up)."""
         if self.model is not None:
             self.model = Path(self.model)
         if self.tmp_dir is not None:
             self.tmp_dir = Path(self.tmp_dir)
-        if not self.upload_timeout_s > 0:
-            raise SpleenError(f"upload_timeout_s must be positive, not {self.upload_timeout_s}.")
-        if not self.max_upload_mb > 0:
-            raise SpleenError(f"max_upload_mb must be positive, not {self.max_upload_mb}.")
-        if self.max_voxels < 1:
-            raise SpleenError(f"max_voxels must be positive, not {self.max_voxels}.")
-        if self.max_concurrency < 1:
-            raise SpleenError(f"max_concurrency must be at least 1, not {self.max_concurrency}.")
-        if self.max_queue < 0:
-            raise SpleenError(f"max_queue must be 0 or more, not {self.max_queue}.")
-        if self.sw_batch_size is not None and self.sw_batch_size < 1:
-            raise SpleenError(f"sw_batch_size must be at least 1, not {self.sw_batch_size}.")
+        if self.heartbeat_file is not None:
+            self.heartbeat_file = Path(self.heartbeat_file)
+        for name, (low, high, zero_ok) in _NUMBER_RANGES.items():
+            _check_number(name, getattr(self, name), low, high, zero_ok)
+        if self.sw_batch_size is not None:
+            _check_number("sw_batch_size", self.sw_batch_size, 1, 4096, False)
         if self.sw_roi is not None:
             self.sw_roi = tuple(int(v) for v in self.sw_roi)  # type: ignore[assignment]
             if len(self.sw_roi) != 3 or min(self.sw_roi) < 1:
@@ -151,15 +158,57 @@ class ServiceSettings:
         }
 
 
+#: the numeric settings: (lowest, highest, whether 0 is allowed below the lowest); all must be finite
+_NUMBER_RANGES: dict[str, tuple[float, float, bool]] = {
+    "max_upload_mb": (1e-3, 1024 * 1024, False),
+    "max_voxels": (1, 2**40, False),
+    "max_concurrency": (1, 1024, False),
+    "max_queue": (0, 100_000, True),
+    "upload_timeout_s": (1e-3, 7 * 86400, False),
+    "upload_grace_s": (0, 7 * 86400, True),
+    "upload_min_kbps": (0, 1024 * 1024, True),
+    "max_uploads": (1, 100_000, False),
+    "inference_timeout_s": (1e-3, 7 * 86400, False),
+    "header_timeout_s": (1e-3, 3600, False),
+    "keep_alive_s": (1e-3, 3600, False),
+    "max_connections": (1, 1_000_000, False),
+}
+_FLOAT_SETTINGS = {"max_upload_mb", "upload_timeout_s", "upload_grace_s", "upload_min_kbps", "inference_timeout_s",
+                   "header_timeout_s", "keep_alive_s"}
+_INT_SETTINGS = {"max_voxels", "max_concurrency", "max_queue", "sw_batch_size", "max_uploads", "max_connections"}
+
+
+def _setting_names(name: str) -> str:
+    option = {"upload_timeout_s": "upload-timeout", "inference_timeout_s": "inference-timeout",
+              "header_timeout_s": "header-timeout", "keep_alive_s": "keep-alive", "upload_grace_s": "upload-grace"}
+    return f"{name} (--{option.get(name, name.replace('_', '-'))}, {ENV_PREFIX}{name.upper()})"
+
+
+def _check_number(name: str, value: Any, low: float, high: float, zero_ok: bool) -> None:
+    """A finite number in ``[low, high]`` (or 0 where ``zero_ok``); else one sentence naming the setting."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and name in _INT_SETTINGS and value != int(value):
+        ok = False
+    if ok and not (low <= value <= high or (zero_ok and value == 0)):
+        ok = False
+    if not ok:
+        kind = "a whole number" if name in _INT_SETTINGS else "a finite number"
+        zero = "0 or " if zero_ok and low > 0 else ""
+        def num(v: float) -> str:
+            return f"{int(v):,}" if float(v).is_integer() else f"{v:g}"
+
+        raise SpleenError(f"{_setting_names(name)} must be {kind} from {zero}{num(low)} to {num(high)}, not {value!r}.")
+
+
 def _parse_setting(name: str, raw: str) -> Any:
     try:
-        if name in ("model", "tmp_dir"):
+        if name in ("model", "tmp_dir", "heartbeat_file"):
             return Path(raw)
         if name == "device":
             return raw
-        if name in ("max_upload_mb", "upload_timeout_s"):
+        if name in _FLOAT_SETTINGS:
             return float(raw)
-        if name in ("max_voxels", "max_concurrency", "max_queue", "sw_batch_size"):
+        if name in _INT_SETTINGS:
             return int(raw)
         if name == "sw_roi":
             return tuple(int(v) for v in raw.split(","))
@@ -313,16 +362,35 @@ class _UploadSink:
                 self.path.unlink()
 
 
+#: how often a waiting upload re-checks its deadline (and measures how late the event loop runs)
+UPLOAD_SLICE_S = 0.25
+
+
+def _upload_too_slow(received: int, seconds: float, timeout_s: float | None, grace_s: float, rate: float) -> ServiceError:
+    if timeout_s is not None and seconds >= timeout_s:
+        why = f"did not finish within {timeout_s:g} s"
+    else:
+        why = f"arrived slower than {rate / 1024:g} KiB/s ({received:,} bytes in {seconds:.0f} s)"
+    return ServiceError(408, "upload_timeout", f"the upload {why}; send it again on a faster connection.",
+                        {"Connection": "close"})
+
+
 def _too_large(max_bytes: int) -> ServiceError:
     return ServiceError(413, "upload_too_large", f"the upload is larger than this service accepts ({max_bytes / 2**20:g} MiB).")
 
 
-async def receive_upload(request: Any, tmp_dir: Path, max_bytes: int, field_name: str = FIELD) -> Upload:
+async def receive_upload(request: Any, tmp_dir: Path, max_bytes: int, field_name: str = FIELD, *,
+                         timeout_s: float | None = None, grace_s: float = 0.0, min_bytes_per_s: float = 0.0) -> Upload:
     """Stream a multipart upload into a temp file in ``tmp_dir``; the size limit holds while streaming.
 
-    ``request`` is a Starlette request (only ``headers`` and ``stream()`` are used). Raises
-    :class:`ServiceError` (400/413/415/422); on any failure no file is left behind.
+    ``request`` is a Starlette request (only ``headers`` and ``receive()`` are used). Raises
+    :class:`ServiceError` (400/413/415/422, and 408 for a slow client); on any failure no file is
+    left behind. A slow client is cut off with 408: the body must be complete within ``timeout_s``,
+    and after ``grace_s`` seconds it must have kept up ``min_bytes_per_s`` (a deadline that moves
+    on with every byte received, so a slow-loris client trickling a few bytes is cut off after
+    about ``grace_s`` seconds, while a large upload at a decent rate is not).
     """
+    import anyio
     from python_multipart.exceptions import FormParserError
     from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -350,14 +418,42 @@ async def receive_upload(request: Any, tmp_dir: Path, max_bytes: int, field_name
     sink = _UploadSink(tmp_dir, max_bytes, field_name)
     parser = MultipartParser(boundary, sink.callbacks())
     total = 0
+    start = time.monotonic()
+    hard = start + timeout_s if timeout_s is not None else math.inf
+    late = 0.0  # seconds this task woke up later than asked (a starved event loop): not the client's fault
+
+    def deadline() -> float:
+        if min_bytes_per_s > 0:
+            return min(hard, start + grace_s + total / min_bytes_per_s) + late
+        return hard + late
+
     try:
-        async for chunk in request.stream():
-            if not chunk:
+        # ASGI receive() rather than request.stream(): a receive() cut short by its time slice loses
+        # nothing (the server keeps the bytes), so the deadline can be re-checked every slice
+        while True:
+            remaining = deadline() - time.monotonic()
+            if remaining <= 0:
+                raise _upload_too_slow(total, time.monotonic() - start, timeout_s, grace_s, min_bytes_per_s)
+            wait = min(remaining, UPLOAD_SLICE_S)
+            t_slice = time.monotonic()
+            message = None
+            with anyio.move_on_after(wait):
+                message = await request.receive()
+            overshoot = time.monotonic() - t_slice - wait
+            if overshoot > 0.05:
+                late += overshoot
+            if message is None:
                 continue
-            total += len(chunk)
-            if total > body_limit:
-                raise _too_large(max_bytes)
-            parser.write(chunk)
+            if message["type"] == "http.disconnect":
+                raise ServiceError(400, "upload_incomplete", "the client closed the connection before the upload was complete.")
+            chunk = message.get("body", b"")
+            if chunk:
+                total += len(chunk)
+                if total > body_limit:
+                    raise _too_large(max_bytes)
+                parser.write(chunk)
+            if not message.get("more_body", False):
+                break
         if total == 0:
             raise ServiceError(400, "empty_body", f"the request body is empty; send a NIfTI file in the multipart form field {field_name!r}.")
         parser.finalize()
@@ -570,8 +666,10 @@ class SegmentationService:
         else:
             self.tmp_dir = Path(settings.tmp_dir)
             self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self.admitted = 0  # requests holding a slot (uploading, waiting or running); event-loop only
+        self.uploading = 0  # uploads streaming in (no inference slot held); event-loop only
+        self.admitted = 0  # requests holding an inference slot (waiting or running); event-loop only
         self.running = 0
+        self.timed_out = 0
         self.served = 0
         self.rejected = 0
         self.ewma_s: float | None = None  # smoothed time of one inference
@@ -601,7 +699,8 @@ class SegmentationService:
         roi = tuple(s.sw_roi or backend.recipe.sw_roi)
         if any(v % multiple for v in roi):
             raise SpleenError(f"the sliding-window size {roi} must be a multiple of {multiple} on every axis.")
-        predictor = Predictor(backend, lcc=s.lcc, roi=roi, sw_batch_size=s.sw_batch_size, progress=False)
+        # each network call checks the request's cancel flag: a timed-out inference stops at its next window
+        predictor = Predictor(_CancellableBackend(backend), lcc=s.lcc, roi=roi, sw_batch_size=s.sw_batch_size, progress=False)
         import onnxruntime as ort
 
         meta = backend.meta
@@ -648,11 +747,30 @@ class SegmentationService:
         waiting = max(self.admitted - self.settings.max_concurrency, 0) + 1
         return int(min(max(math.ceil(per * waiting / self.settings.max_concurrency), 1), 300))
 
-    @contextlib.contextmanager
-    def admission(self):
-        """A slot for one request, or 503 + Retry-After at once when every slot is taken."""
+    def _check_ready(self) -> None:
         if self.state != "ready":
             raise ServiceError(503, "not_ready", "the model is not loaded yet; retry shortly.", {"Retry-After": "5"})
+
+    @contextlib.contextmanager
+    def upload_slot(self):
+        """A place for one upload to stream in (no inference slot), or 503 + Retry-After at once."""
+        self._check_ready()
+        if self.uploading >= self.settings.max_uploads:
+            self.rejected += 1
+            raise ServiceError(
+                503, "busy", f"the service is busy ({self.settings.max_uploads} uploads in progress); retry later.",
+                {"Retry-After": str(self.retry_after())},
+            )
+        self.uploading += 1
+        try:
+            yield
+        finally:
+            self.uploading -= 1
+
+    @contextlib.contextmanager
+    def admission(self):
+        """An inference slot (running or queued) for a complete upload, or 503 + Retry-After at once."""
+        self._check_ready()
         limit = self.settings.max_concurrency + self.settings.max_queue
         if self.admitted >= limit:
             self.rejected += 1
@@ -667,22 +785,35 @@ class SegmentationService:
             self.admitted -= 1
 
     # ---- the pipeline (worker thread)
-    def segment(self, upload: Upload, info: HeaderInfo, mask_file: bool) -> tuple[dict[str, Any], Any]:
-        """Read, predict and summarise; with ``mask_file`` also an open, already-unlinked mask file."""
-        from .io import save_mask
+    def segment(self, upload: Upload, info: HeaderInfo, mask_file: bool,
+                cancel: threading.Event | None = None) -> tuple[dict[str, Any], Any]:
+        """Read, predict and summarise; with ``mask_file`` also an open, already-unlinked mask file.
 
+        ``cancel`` set (by a timed-out request) stops the work at its next check with :class:`_Cancelled`.
+        """
+        _tls.cancel = cancel
+        try:
+            return self._segment(upload, info, mask_file)
+        finally:
+            _tls.cancel = None
+
+    def _segment(self, upload: Upload, info: HeaderInfo, mask_file: bool) -> tuple[dict[str, Any], Any]:
         t: dict[str, float] = {}
         t0 = time.perf_counter()
         series = _read_dicom_upload(upload, self.settings.max_voxels) if info is _DICOM_ZIP else None
         vol = series.volume if series is not None else read_volume(upload, info)
         t["read_s"] = time.perf_counter() - t0
+        _raise_if_cancelled()
         with self._lock:
             self.running += 1
         try:
             mask, tp = self.predictor.predict_volume(vol)  # type: ignore[union-attr]
+        except DataError as e:  # e.g. too many voxels once resampled (spleen_utils.infer.check_resampled_size)
+            raise _bad_image("unsupported_image", str(e)) from None
         finally:
             with self._lock:
                 self.running -= 1
+        _raise_if_cancelled()
         t.update(tp)
         dt = tp.get("preprocess_s", 0) + tp.get("inference_s", 0) + tp.get("postprocess_s", 0)
         self.ewma_s = dt if self.ewma_s is None else 0.7 * self.ewma_s + 0.3 * dt
@@ -703,7 +834,7 @@ class SegmentationService:
             os.close(fd)
             out = Path(tmp)
             try:
-                _write_dicom_seg(mask, series, out) if series is not None else save_mask(mask, vol, out)
+                _write_dicom_seg(mask, series, out) if series is not None else _write_mask(mask, vol, out)
                 handle = open(out, "rb")  # noqa: SIM115 - closed by the response's generator
             finally:
                 with contextlib.suppress(FileNotFoundError):
@@ -712,14 +843,38 @@ class SegmentationService:
         return {**record, "timings": t}, handle
 
     async def run_inference(self, upload: Upload, info: HeaderInfo, mask_file: bool) -> tuple[dict[str, Any], Any]:
-        """:meth:`segment` on an inference thread, at most ``max_concurrency`` at once."""
+        """:meth:`segment` on an inference thread, at most ``max_concurrency`` at once.
+
+        Past ``inference_timeout_s`` the thread is told to stop (it does at its next network call),
+        the request waits a little for it so that its memory is freed, and the client gets 503 with
+        ``Retry-After``. A cancelled request (client gone, shutdown) stops its thread the same way.
+        """
         import asyncio
 
         t0 = time.perf_counter()
         async with self._semaphore_():
             queue_s = time.perf_counter() - t0
             loop = asyncio.get_running_loop()
-            record, handle = await loop.run_in_executor(self._executor, self.segment, upload, info, mask_file)
+            cancel = threading.Event()
+            fut = loop.run_in_executor(self._executor, self.segment, upload, info, mask_file, cancel)
+            try:
+                done, _ = await asyncio.wait({fut}, timeout=self.settings.inference_timeout_s)
+            except BaseException:
+                cancel.set()
+                fut.add_done_callback(_discard_result)
+                raise
+            if not done:
+                cancel.set()
+                self.timed_out += 1
+                limit = self.settings.inference_timeout_s
+                log.warning("an inference ran past %g s; it was told to stop", limit)
+                fut.add_done_callback(_discard_result)
+                # hold the slot until the thread has stopped (its next window), so memory is back when we answer
+                await asyncio.wait({fut}, timeout=min(max(limit, 1.0), 30.0))
+                raise ServiceError(503, "inference_timeout",
+                                   f"the segmentation took longer than this service allows ({limit:g} s) and was stopped; retry later.",
+                                   {"Retry-After": str(self.retry_after())})
+            record, handle = fut.result()
         record["timings"] = {"queue_s": queue_s, **record["timings"]}
         return record, handle
 
@@ -728,6 +883,69 @@ class SegmentationService:
         self._executor = ThreadPoolExecutor(max_workers=self.settings.max_concurrency, thread_name_prefix="spleen-infer")
         if self._own_tmp:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+class _Cancelled(Exception):
+    """A worker thread stopped because its request timed out or went away."""
+
+
+#: the cancel flag of the request a worker thread is running (set by :meth:`SegmentationService.segment`)
+_tls = threading.local()
+
+
+def _raise_if_cancelled() -> None:
+    event = getattr(_tls, "cancel", None)
+    if event is not None and event.is_set():
+        raise _Cancelled()
+
+
+class _CancellableBackend:
+    """The predictor's backend, checking its request's cancel flag before and after each network call."""
+
+    def __init__(self, backend: Any):
+        self._backend = backend
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+    def __call__(self, x):
+        _raise_if_cancelled()
+        y = self._backend(x)
+        _raise_if_cancelled()
+        return y
+
+
+def _discard_result(fut) -> None:
+    """The late outcome of an abandoned inference: close its mask file, swallow its exception."""
+    if fut.cancelled():
+        return
+    if fut.exception() is None:
+        _, handle = fut.result()
+        if handle is not None:
+            handle.close()
+
+
+def _write_mask(mask, vol, path: Path) -> None:
+    """The uint8 mask on ``vol``'s grid, as :func:`spleen_utils.io.save_mask` writes it, into ``path``.
+
+    ``path`` is the request's own ``mkstemp`` file (private, unlinked after it is opened), so no
+    atomic rename is needed, and unlike ``io.save_mask`` this never touches the process umask while
+    other service threads run.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    if tuple(mask.shape) != vol.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from the image grid {vol.shape}")
+    array = np.asarray(mask, dtype=np.uint8)
+    hdr = vol.header.copy() if vol.header is not None else None
+    img = nib.Nifti1Image(array, vol.affine, header=hdr)
+    img.set_data_dtype(np.uint8)
+    if hdr is not None:
+        img.set_qform(vol.affine, code=int(hdr["qform_code"]) or 1)
+        img.set_sform(vol.affine, code=int(hdr["sform_code"]) or 1)
+    img.header.set_slope_inter(1.0, 0.0)
+    nib.save(img, str(path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -805,11 +1023,20 @@ def create_app(settings: ServiceSettings | None = None, service: SegmentationSer
             import asyncio
 
             task = asyncio.create_task(service.load_in_background())
+        beat = None
+        if service.settings.heartbeat_file is not None:
+            import asyncio
+
+            beat = asyncio.create_task(_heartbeat(service, service.settings.heartbeat_file))
         try:
             yield
         finally:
-            if task is not None and not task.done():
-                task.cancel()
+            for t in (task, beat):
+                if t is not None and not t.done():
+                    t.cancel()
+            if service.settings.heartbeat_file is not None:
+                with contextlib.suppress(OSError):
+                    service.settings.heartbeat_file.unlink()
             service.close()
 
     app = FastAPI(
@@ -847,22 +1074,23 @@ def create_app(settings: ServiceSettings | None = None, service: SegmentationSer
     async def run(request: Request, mask_file: bool):
         t0 = time.perf_counter()
         r = rid(request)
-        with service.admission():
-            try:
-                with anyio.fail_after(service.settings.upload_timeout_s):
-                    upload = await receive_upload(request, service.tmp_dir, service.settings.max_upload_bytes)
-            except TimeoutError:
-                raise ServiceError(408, "upload_timeout", f"the upload did not finish within {service.settings.upload_timeout_s:g} s.") from None
-            try:
-                # a zipped DICOM series has no NIfTI header: spleen_utils.dicom checks the zip and the series
-                info = _DICOM_ZIP if _is_zip_upload(upload) else await anyio.to_thread.run_sync(inspect_header, upload, service.settings.max_voxels)
+        s = service.settings
+        # the upload streams in first, holding an upload place only (slow clients are cut off with
+        # 408); the request joins the inference queue once its file is complete
+        with service.upload_slot():
+            upload = await receive_upload(request, service.tmp_dir, s.max_upload_bytes, timeout_s=s.upload_timeout_s,
+                                          grace_s=s.upload_grace_s, min_bytes_per_s=s.upload_min_bytes_per_s)
+        try:
+            # a zipped DICOM series has no NIfTI header: spleen_utils.dicom checks the zip and the series
+            info = _DICOM_ZIP if _is_zip_upload(upload) else await anyio.to_thread.run_sync(inspect_header, upload, s.max_voxels)
+            with service.admission():
                 try:
                     record, handle = await service.run_inference(upload, info, mask_file)
                 except MemoryError:
                     raise ServiceError(503, "out_of_memory", "the server ran out of memory for this image; retry later.",
                                        {"Retry-After": str(service.retry_after())}) from None
-            finally:
-                upload.remove()
+        finally:
+            upload.remove()
         service.served += 1
         record["timings"] = {"upload_s": upload.seconds, **record["timings"], "total_s": time.perf_counter() - t0}
         record["timings"] = {k: round(v, 4) for k, v in record["timings"].items()}
@@ -909,7 +1137,7 @@ def create_app(settings: ServiceSettings | None = None, service: SegmentationSer
              responses={200: {"content": {"application/json": {"example": {"status": "ready"}}}},
                         503: {"content": {"application/json": {"example": {"status": "loading"}}}}})
     async def health():
-        body = {"status": service.state, "running": service.running, "admitted": service.admitted}
+        body = {"status": service.state, "running": service.running, "admitted": service.admitted, "uploading": service.uploading}
         if service.state == "ready":
             return JSONResponse(body)
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
@@ -927,6 +1155,51 @@ def create_app(settings: ServiceSettings | None = None, service: SegmentationSer
         }
 
     return app
+
+
+#: seconds between two heartbeats; a health check calls a heartbeat older than 3 of these stale
+HEARTBEAT_S = 5.0
+
+
+def write_heartbeat(service: "SegmentationService", path: Path) -> None:
+    """``{"status", "time", ...}`` into ``path``, atomically (a reader never sees half a file)."""
+    body = {"status": service.state, "time": time.time(), "pid": os.getpid(), "running": service.running,
+            "admitted": service.admitted, "uploading": service.uploading}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(body))
+    os.replace(tmp, path)
+
+
+async def _heartbeat(service: "SegmentationService", path: Path, every: float = HEARTBEAT_S) -> None:
+    """Written by the event loop itself: a fresh file proves the loop runs, whatever the sockets suffer."""
+    import anyio
+
+    while True:
+        try:
+            write_heartbeat(service, path)
+        except OSError:
+            log.warning("cannot write the heartbeat file %s", path, exc_info=True)
+        await anyio.sleep(every)
+
+
+def check_heartbeat(path: str | Path, max_age_s: float = 3 * HEARTBEAT_S) -> tuple[bool, str]:
+    """Whether the heartbeat at ``path`` says ready and is fresh; with a sentence either way.
+
+    The Docker ``HEALTHCHECK`` runs this instead of an HTTP request, so that a flood of half-open
+    connections (which a reverse proxy should stop, see book/service.md) cannot mark a working
+    service unhealthy; it still fails when the event loop stalls or the model is not loaded.
+    """
+    try:
+        p = Path(path)
+        body = json.loads(p.read_text())
+        age = time.time() - p.stat().st_mtime
+    except (OSError, ValueError):
+        return False, f"no readable heartbeat at {path}: the service is not running (yet)."
+    if age > max_age_s:
+        return False, f"the heartbeat is {age:.0f} s old (more than {max_age_s:g} s): the service is stalled."
+    if body.get("status") != "ready":
+        return False, f"the service is {body.get('status')!r}, not ready."
+    return True, f"ready (heartbeat {age:.1f} s old)."
 
 
 def _configure_logging() -> None:
@@ -1190,13 +1463,112 @@ def run_bench(model: str | Path | None, file: str | Path, url: str | None = None
 from .cli import _csv_ints  # noqa: E402  (the CLI module is already loaded when these run)
 
 
+#: the largest request line + headers uvicorn buffers (h11's incomplete event); larger get 400
+MAX_HEADER_BYTES = 16 * 1024
+#: the listening socket's accept queue (connections the kernel holds before uvicorn accepts them)
+BACKLOG = 2048
+
+
+def http_protocol(settings: ServiceSettings) -> type:
+    """uvicorn's h11 protocol with the two limits uvicorn lacks, for slow and many clients.
+
+    * A connection must deliver complete request headers within ``header_timeout_s`` of opening
+      (or of its previous answer); uvicorn alone keeps a connection that sends half a request
+      line forever. A connection whose answer is out while its client still sends an unwanted
+      body (an early 4xx/503) is closed after the same time.
+    * Beyond ``max_connections`` open connections a new one gets 503 JSON with ``Retry-After`` at
+      once and is closed (uvicorn's own ``limit_concurrency`` answers plain text, no Retry-After).
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    header_timeout = settings.header_timeout_s
+    max_connections = settings.max_connections
+
+    def busy_response() -> bytes:
+        body = json.dumps({"detail": "the service has too many open connections; retry later.", "error": "busy",
+                           "request_id": uuid.uuid4().hex[:12]}).encode()
+        return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 5\r\n"
+                b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    class Protocol(H11Protocol):
+        _header_timer = None
+        _rejected = False
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                self._rejected = True
+                self.connections.discard(self)
+                transport.write(busy_response())
+                if transport.can_write_eof():
+                    transport.write_eof()
+                # keep reading (and dropping) what the client still sends for a moment, so that
+                # closing does not reset the connection before the client has read the answer
+                self._header_timer = self.loop.call_later(min(header_timeout, 2.0), transport.close)
+                return
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if not self._rejected:
+                super().data_received(data)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            if self._rejected:
+                return
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(header_timeout, self._on_header_timeout)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _on_header_timeout(self) -> None:
+            self._header_timer = None
+            if self.transport.is_closing():
+                return
+            waiting = self.conn.their_state is h11.IDLE  # no complete request yet
+            answered = self.conn.our_state in (h11.DONE, h11.MUST_CLOSE) and self.conn.their_state is not h11.DONE
+            if waiting or answered:
+                self.transport.close()
+
+    return Protocol
+
+
+def uvicorn_options(settings: ServiceSettings) -> dict[str, Any]:
+    """uvicorn's timeouts and limits, set deliberately (see book/service.md)."""
+    return {
+        "http": http_protocol(settings),  # h11, with a header timeout and a connection cap answering 503 JSON
+        "limit_concurrency": None,  # the protocol above caps connections; the app caps uploads and inferences
+        "backlog": BACKLOG,
+        "timeout_keep_alive": settings.keep_alive_s,
+        "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
+        "timeout_graceful_shutdown": 30,
+        "ws": "none",
+        "server_header": False,
+    }
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     import uvicorn
 
     settings = ServiceSettings.from_env(
         model=a.model, device=a.device, max_upload_mb=a.max_upload_mb, max_voxels=a.max_voxels,
         max_concurrency=a.max_concurrency, max_queue=a.max_queue, sw_roi=a.sw_roi, sw_batch_size=a.sw_batch_size,
-        tmp_dir=a.tmp_dir, upload_timeout_s=a.upload_timeout_s,
+        tmp_dir=a.tmp_dir, upload_timeout_s=a.upload_timeout_s, upload_grace_s=a.upload_grace_s,
+        upload_min_kbps=a.upload_min_kbps, max_uploads=a.max_uploads, inference_timeout_s=a.inference_timeout_s,
+        header_timeout_s=a.header_timeout_s, keep_alive_s=a.keep_alive_s, max_connections=a.max_connections,
+        heartbeat_file=a.heartbeat_file,
     )
     _configure_logging()
     service = SegmentationService(settings)
@@ -1206,11 +1578,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         service.close()
         raise
     app = create_app(service=service)
-    s = service.settings
-    # uvicorn's own cap on open connections: far above the app's queue, so /health still answers
-    limit = max(64, 4 * (s.max_concurrency + s.max_queue))
-    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, limit_concurrency=limit,
-                server_header=False, timeout_graceful_shutdown=30)
+    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, **uvicorn_options(service.settings))
     return 0
 
 
@@ -1265,6 +1633,14 @@ def register(subparsers) -> None:
     s.add_argument("--sw-batch-size", type=int, help="windows per network call; fewer use less memory (default: the model's recipe)")
     s.add_argument("--tmp-dir", help="folder for uploads (default: a fresh temporary folder)")
     s.add_argument("--upload-timeout", type=float, dest="upload_timeout_s", help="seconds an upload may take (default: 300; 408 beyond)")
+    s.add_argument("--upload-grace", type=float, dest="upload_grace_s", help="seconds before --upload-min-kbps applies (default: 10)")
+    s.add_argument("--upload-min-kbps", type=float, help="KiB/s an upload must keep up after the grace; slower gets 408 (default: 32; 0: none)")
+    s.add_argument("--max-uploads", type=int, help="uploads streaming at once; more get 503 + Retry-After (default: 16)")
+    s.add_argument("--inference-timeout", type=float, dest="inference_timeout_s", help="seconds one inference may run; longer is stopped, 503 (default: 600)")
+    s.add_argument("--header-timeout", type=float, dest="header_timeout_s", help="seconds a connection has to send its request headers (default: 10)")
+    s.add_argument("--keep-alive", type=float, dest="keep_alive_s", help="seconds an idle keep-alive connection stays open (default: 5)")
+    s.add_argument("--max-connections", type=int, help="open connections; more get 503 + Retry-After (default: 512)")
+    s.add_argument("--heartbeat-file", help="a file rewritten every 5 s while ready, read by the Docker HEALTHCHECK (default: none)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
 

@@ -3,6 +3,7 @@ temporary files never outlive a request, and a real uvicorn process stays up und
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
@@ -327,18 +328,31 @@ def test_upload_over_the_limit_is_413_from_content_length(client, app, monkeypat
 
 
 class _ChunkedRequest:
-    """A request whose body arrives in chunks, with no Content-Length; counts what was read."""
+    """A request whose body arrives in chunks (one every ``every`` s), with no Content-Length; counts
+    what was read. Like uvicorn's, its ``receive()`` may be cancelled without losing a byte."""
 
-    def __init__(self, chunks: int, size: int = 64 * 1024):
+    HEAD = b'--BOUNDARY\r\nContent-Disposition: form-data; name="file"; filename="big.nii"\r\n\r\n'
+
+    def __init__(self, chunks: int, size: int = 64 * 1024, every: float = 0.0):
         self.headers = {"content-type": "multipart/form-data; boundary=BOUNDARY"}
-        self.chunks, self.size, self.read = chunks, size, 0
+        self.chunks, self.size, self.every, self.read = chunks, size, every, 0
+        self._next = 0
+        self._t0: float | None = None
 
-    async def stream(self):
-        head = b'--BOUNDARY\r\nContent-Disposition: form-data; name="file"; filename="big.nii"\r\n\r\n'
-        yield head
-        for _ in range(self.chunks):
-            self.read += 1
-            yield b"\1" * self.size
+    async def receive(self):
+        import anyio
+
+        if self._t0 is None:
+            self._t0 = time.monotonic()
+        if self._next == 0:
+            self._next = 1
+            return {"type": "http.request", "body": self.HEAD, "more_body": True}
+        if self._next > self.chunks:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await anyio.sleep(max(0.0, self._t0 + self._next * self.every - time.monotonic()))
+        self._next += 1
+        self.read += 1
+        return {"type": "http.request", "body": b"\1" * self.size, "more_body": True}
 
 
 def test_upload_limit_is_enforced_while_streaming(tmp_path):
@@ -353,12 +367,8 @@ def test_upload_limit_is_enforced_while_streaming(tmp_path):
 
 
 class _StalledRequest(_ChunkedRequest):
-    async def stream(self):
-        import anyio
-
-        async for chunk in super().stream():
-            yield chunk
-            await anyio.sleep(10)
+    def __init__(self, chunks: int):
+        super().__init__(chunks, every=10.0)
 
 
 def test_a_stalled_upload_is_cut_off_and_its_file_removed(tmp_path):
@@ -604,28 +614,63 @@ def _pins() -> dict[str, str]:
     return {name.lower(): version for name, version in re.findall(r'"([A-Za-z0-9_.-]+)==([^"]+)"', text)}
 
 
+def _locked(path: Path) -> dict[str, tuple[str, list[str]]]:
+    """``name -> (version, [sha256, ...])`` of a pip requirements file written with hashes."""
+    text = path.read_text().replace("\\\n", " ")
+    out = {}
+    for line in text.splitlines():
+        line = line.split("#")[0].strip()
+        if not line or line.startswith("-"):
+            continue
+        m = re.match(r"([A-Za-z0-9_.-]+)==(\S+)((?:\s+--hash=sha256:[0-9a-f]{64})+)\s*$", line)
+        assert m, f"not pinned with hashes: {line!r}"
+        out[m.group(1).lower()] = (m.group(2), re.findall(r"sha256:([0-9a-f]{64})", m.group(3)))
+    return out
+
+
 def test_dockerfile_is_small_pinned_non_root_and_healthchecked():
     text = (ROOT / "Dockerfile").read_text()
     lines = [ln.strip() for ln in text.replace("\\\n", " ").splitlines() if ln.strip() and not ln.strip().startswith("#")]
     froms = [ln for ln in lines if ln.startswith("FROM ")]
-    assert froms and all(ln.split()[1] == "python:3.11-slim" or ln.split()[1] in {"base", "service"} for ln in froms)
+    base = re.compile(r"python:3\.11-slim(@sha256:[0-9a-f]{64})?$")
+    assert froms and all(base.match(ln.split()[1]) or ln.split()[1] in {"base", "service"} for ln in froms)
+    if "@sha256:" not in froms[0]:  # not pinned yet: the file says how to pin it
+        assert "docker buildx imagetools inspect python:3.11-slim" in text
     user = [ln for ln in lines if ln.startswith("USER ")]
     assert user and user[-1].split()[1] not in ("root", "0")
-    assert any(ln.startswith("HEALTHCHECK") and "/health" in ln for ln in lines)
-    cmd = [ln for ln in lines if ln.startswith("CMD ")][-1]
-    assert "spleen-seg" in cmd and "serve" in cmd
+    health = [ln for ln in lines if ln.startswith("HEALTHCHECK")]
+    assert health and "check_heartbeat" in health[0] and "SPLEEN_HEARTBEAT_FILE=" in text
+    cmd = [ln for ln in lines if ln.startswith("CMD ") and "spleen-seg" in ln][-1]
+    assert "serve" in cmd
     assert "SPLEEN_MODEL=/models/model.onnx" in text
-    # one pip command installs torch (CPU index) with the service's pins, all equal to pyproject.toml's
-    pip = [ln for ln in lines if "pip install" in ln and "torch==" in ln]
-    assert len(pip) == 1 and "download.pytorch.org/whl/cpu" in pip[0]
-    pinned = dict(re.findall(r"([A-Za-z0-9_.-]+)==([0-9][^\s\"']*)", pip[0]))
+    # one pip command installs every package from the hash-locked file, nothing unpinned besides
+    pip = [ln for ln in lines if "pip install" in ln]
+    assert pip[0].split("RUN ", 1)[1] == "pip install --require-hashes --no-deps -r requirements-docker.txt", pip
+    assert all("--no-deps ." in ln or ln == pip[0] for ln in pip), pip  # the package itself, no dependencies
+    assert "COPY requirements-docker.txt" in text
+
+
+def test_docker_requirements_are_hash_locked_and_equal_pyproject_pins():
+    req = ROOT / "requirements-docker.txt"
+    text = req.read_text()
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in text and "--only-binary :all:" in text
+    locked = _locked(req)
     pins = _pins()
-    assert pinned["torch"].split("+")[0] == pins["torch"]
+    assert locked["torch"][0] == f"{pins['torch']}+cpu"
     needed = {"monai", "nibabel", "numpy", "scipy", "scikit-image", "onnxruntime", "fastapi", "uvicorn", "python-multipart"}
-    assert needed <= {k.lower() for k in pinned}
-    for name, version in pinned.items():
-        assert pins.get(name.lower(), version).split("+")[0] == version.split("+")[0], name
-    assert "matplotlib" not in pip[0] and "jupyter" not in pip[0]  # the book's packages stay out
+    assert needed <= set(locked)
+    for name in needed:
+        assert locked[name][0] == pins[name], name
+    for name, (version, hashes) in locked.items():  # every package, dependencies included
+        assert hashes, name
+    assert not {"matplotlib", "jupyter", "onnx", "nvidia-cudnn-cu12"} & set(locked)  # book and CUDA stay out
+    # the wheel this machine has is the one locked (when it is here)
+    wheel = Path("/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl")
+    if wheel.exists():
+        import hashlib
+
+        with open(wheel, "rb") as f:
+            assert hashlib.file_digest(f, "sha256").hexdigest() in locked["torch"][1]
 
 
 def test_dockerignore_keeps_data_and_builds_out():
@@ -633,3 +678,247 @@ def test_dockerignore_keeps_data_and_builds_out():
     entries = {ln.strip().rstrip("/") for ln in lines if ln.strip() and not ln.startswith("#")}
     for needed in ("data", "outputs", ".venv", ".git", "_build", "cpp/build"):
         assert needed in entries or f"/{needed}" in entries or f"**/{needed}" in entries, needed
+
+
+# ---------------------------------------------------------------------------------- slow and many clients (#9)
+
+
+@pytest.mark.parametrize(
+    "env, name",
+    [
+        ({"SPLEEN_MAX_UPLOAD_MB": "inf"}, "max_upload_mb"),
+        ({"SPLEEN_MAX_UPLOAD_MB": "nan"}, "max_upload_mb"),
+        ({"SPLEEN_MAX_UPLOAD_MB": "-1"}, "max_upload_mb"),
+        ({"SPLEEN_MAX_UPLOAD_MB": "0"}, "max_upload_mb"),
+        ({"SPLEEN_UPLOAD_TIMEOUT_S": "inf"}, "upload_timeout_s"),
+        ({"SPLEEN_INFERENCE_TIMEOUT_S": "nan"}, "inference_timeout_s"),
+        ({"SPLEEN_UPLOAD_MIN_KBPS": "-5"}, "upload_min_kbps"),
+        ({"SPLEEN_MAX_QUEUE": "-1"}, "max_queue"),
+        ({"SPLEEN_MAX_CONNECTIONS": "0"}, "max_connections"),
+        ({"SPLEEN_HEADER_TIMEOUT_S": "1e309"}, "header_timeout_s"),
+    ],
+)
+def test_settings_must_be_finite_and_in_range(env, name):
+    with pytest.raises(SpleenError) as e:
+        ServiceSettings.from_env(env)
+    msg = str(e.value)
+    assert msg.startswith(name) and f"SPLEEN_{name.upper()}" in msg and msg.endswith(".") and ". " not in msg and "\n" not in msg, msg
+    with pytest.raises(SpleenError):  # the same check for values given in code
+        ServiceSettings(**{name: float(next(iter(env.values())))}).validate()
+
+
+def test_cli_serve_refuses_an_infinite_upload_limit_with_one_sentence(model, capsys, monkeypatch):
+    monkeypatch.setenv("SPLEEN_MAX_UPLOAD_MB", "inf")
+    assert cli.main(["serve", "--model", str(model), "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "SPLEEN_MAX_UPLOAD_MB" in err and "finite" in err and err.count("\n") == 1, err
+    monkeypatch.delenv("SPLEEN_MAX_UPLOAD_MB")
+    assert cli.main(["serve", "--model", str(model), "--port", "1", "--inference-timeout", "-3"]) == 2
+    assert "--inference-timeout" in capsys.readouterr().err
+
+
+class _TrickleRequest(_ChunkedRequest):
+    """A client that sends 10 bytes every ``every`` seconds, for ever."""
+
+    def __init__(self, every: float):
+        super().__init__(chunks=10**6, size=10, every=every)
+
+
+def test_a_trickling_upload_is_cut_off_by_the_minimum_rate(tmp_path):
+    """A slow-loris client (10 bytes every 50 ms) is cut off soon after the grace period, well before
+    the overall upload timeout, with 408 and no file left."""
+    import anyio
+
+    t0 = time.monotonic()
+    with pytest.raises(ServiceError) as e:
+        anyio.run(lambda: receive_upload(_TrickleRequest(0.05), tmp_path, 1 << 20, timeout_s=60, grace_s=0.5,
+                                         min_bytes_per_s=4096))
+    took = time.monotonic() - t0
+    assert e.value.status == 408 and e.value.code == "upload_timeout" and "KiB/s" in e.value.message
+    assert 0.5 <= took < 5, took
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_steady_upload_above_the_minimum_rate_is_not_cut_off(tmp_path):
+    import anyio
+
+    steady = _ChunkedRequest(chunks=50, every=0.02)  # 64 KiB per 20 ms: ~3 MiB/s, for ~1 s in all
+    up = anyio.run(lambda: receive_upload(steady, tmp_path, 8 << 20, timeout_s=60, grace_s=0.2,
+                                          min_bytes_per_s=256 * 1024))
+    assert up.size == 50 * 64 * 1024
+    up.remove()
+
+
+def test_an_upload_holds_no_inference_slot_while_it_streams(app, image_file, monkeypatch):
+    """While an upload streams in, the inference queue is not taken: with every upload place but
+    one held by slow uploads, a complete upload is still served (it used to get 503 busy)."""
+    svc = app.state.service
+    monkeypatch.setattr(svc.settings, "max_queue", 0)
+    monkeypatch.setattr(svc.settings, "max_uploads", 6)
+    monkeypatch.setattr(svc, "uploading", 5)  # five slow clients still trickling their bodies
+    r = post(app.state.client, image_file.read_bytes())
+    assert r.status_code == 200, r.text
+    assert svc.admitted == 0 and svc.uploading == 5
+    monkeypatch.setattr(svc, "uploading", 6)  # every upload place taken: 503 + Retry-After, nothing read
+    r = post(app.state.client, image_file.read_bytes())
+    assert r.status_code == 503 and r.json()["error"] == "busy" and int(r.headers["retry-after"]) >= 1
+    monkeypatch.setattr(svc, "uploading", 0)
+    assert os.listdir(svc.tmp_dir) == []
+
+
+def test_inference_past_its_time_limit_is_stopped_and_answered_503(app, image_file, monkeypatch):
+    svc = app.state.service
+    backend = svc.predictor.backend
+    calls: list[float] = []
+    real = backend._backend
+
+    class Slow:  # the real backend, 0.6 s slower per network call
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def __call__(self, x):
+            calls.append(time.monotonic())
+            time.sleep(0.6)
+            return real(x)
+
+    monkeypatch.setattr(backend, "_backend", Slow())
+    monkeypatch.setattr(svc.settings, "inference_timeout_s", 0.2)
+    t0 = time.monotonic()
+    r = post(app.state.client, image_file.read_bytes(), endpoint="/segment")
+    took = time.monotonic() - t0
+    assert_clean_error(r, 503, "inference_timeout", svc.tmp_dir)
+    assert int(r.headers["retry-after"]) >= 1 and "0.2 s" in r.json()["detail"]
+    n = len(calls)
+    time.sleep(1.0)
+    assert len(calls) == n, "the inference thread kept running after its request timed out"
+    assert took < 10, took
+    assert svc.admitted == 0 and svc.running == 0 and os.listdir(svc.tmp_dir) == []
+    monkeypatch.setattr(backend, "_backend", real)
+    monkeypatch.setattr(svc.settings, "inference_timeout_s", 600.0)
+    assert post(app.state.client, image_file.read_bytes()).status_code == 200  # the slot was given back
+
+
+def test_segment_never_changes_the_process_umask(client, image_file, monkeypatch):
+    """Writing the mask must not flip the umask (a process-wide setting) while other threads run."""
+    def no_umask(*a):
+        raise AssertionError("os.umask was called while the service runs")
+
+    monkeypatch.setattr(os, "umask", no_umask)
+    r = post(client, image_file.read_bytes(), endpoint="/segment")
+    assert r.status_code == 200, r.text
+    assert nib.Nifti1Image.from_bytes(gzip.decompress(r.content)).shape == (40, 40, 20)
+
+
+def test_heartbeat_file_is_fresh_while_ready(model, tmp_path):
+    from spleen_utils.service import check_heartbeat
+
+    beat = tmp_path / "beat.json"
+    ok, msg = check_heartbeat(beat)
+    assert not ok and "no readable heartbeat" in msg
+    app = create_app(ServiceSettings(model=model, sw_roi=ROI, tmp_dir=tmp_path / "svc", heartbeat_file=beat))
+    with TestClient(app) as c:
+        wait_ready(c)
+        deadline = time.monotonic() + 30
+        while not check_heartbeat(beat)[0] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert check_heartbeat(beat)[0], check_heartbeat(beat)
+        os.utime(beat, (time.time() - 60, time.time() - 60))
+        ok, msg = check_heartbeat(beat)
+        assert not ok and "stalled" in msg
+    assert not beat.exists()  # removed at shutdown: a stopped service is never healthy
+
+
+def _half_open(port: int, n: int, partial: bytes) -> list:
+    import socket
+
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(partial)
+        socks.append(s)
+    return socks
+
+
+def _closed_by_server(sock, wait: float) -> bool:
+    sock.settimeout(wait)
+    try:
+        while True:
+            data = sock.recv(4096)
+            if not data:
+                return True
+    except (TimeoutError, OSError) as e:
+        return not isinstance(e, TimeoutError)
+
+
+def test_real_server_under_slow_and_many_clients(model, image_file, tmp_path):
+    """`spleen-seg serve` with small limits: half-open connections are closed after the header
+    timeout, connections beyond the cap get 503 JSON + Retry-After, slow uploads do not block a
+    real one, the heartbeat stays fresh throughout, and every upload of a burst gets 200 or 503
+    with Retry-After."""
+    import httpx
+
+    from spleen_utils.service import check_heartbeat
+
+    beat = tmp_path / "beat.json"
+    args = ["--max-concurrency", "1", "--max-queue", "1", "--max-uploads", "8", "--max-connections", "24",
+            "--header-timeout", "2", "--upload-grace", "1", "--upload-min-kbps", "16", "--sw-roi", "64,64,32",
+            "--tmp-dir", str(tmp_path / "svc"), "--heartbeat-file", str(beat), "--log-level", "warning"]
+    data = image_file.read_bytes()
+    with LocalServer(model, args=args) as server:
+        assert check_heartbeat(beat)[0]
+        # 1. five slow-loris uploads, then a real one: served, and the slow ones are cut off
+        head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\n"
+                b"Content-Length: 100000\r\n\r\n--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.nii\"\r\n\r\n")
+        slow = _half_open(server.port, 5, head)
+        r = httpx.post(server.url + "/predict", files={FIELD: ("case_1.nii.gz", data)}, timeout=120)
+        assert r.status_code == 200, r.text
+        answers = []
+        for s in slow:
+            s.settimeout(10)
+            got = b""
+            with contextlib.suppress(OSError):
+                while b"}" not in got:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    got += chunk
+            answers.append(got)
+            s.close()
+        assert all(a.startswith(b"HTTP/1.1 408") and b"upload_timeout" in a for a in answers), answers
+        # how long a slow-loris client holds on: about --upload-grace (1 s here)
+        t0 = time.monotonic()
+        (s,) = _half_open(server.port, 1, head)
+        s.settimeout(10)
+        first = s.recv(4096)
+        cut_after = time.monotonic() - t0
+        s.close()
+        assert first.startswith(b"HTTP/1.1 408") and 0.9 < cut_after < 5, (first, cut_after)
+
+        # 2. 30 half-sent request lines: over the cap of 24, the rest get 503 JSON + Retry-After;
+        #    /health fails meanwhile, the heartbeat does not, and all are closed after 2 s
+        t0 = time.monotonic()
+        socks = _half_open(server.port, 30, b"GET /health HTTP/1.1\r\nHost:")
+        r = httpx.get(server.url + "/health", timeout=5)
+        assert r.status_code == 503 and r.json()["error"] == "busy" and r.headers["retry-after"] == "5"
+        assert check_heartbeat(beat)[0]
+        closed = [_closed_by_server(s, 6) for s in socks]
+        half_open_closed_after = time.monotonic() - t0
+        for s in socks:
+            s.close()
+        assert all(closed)
+        assert httpx.get(server.url + "/health", timeout=5).status_code == 200
+
+        # 3. a burst of 24 uploads at once: each gets 200, or 503 with Retry-After; none is lost
+        answers3: list[tuple[object, object]] = []
+
+        def on_response(i, status, seconds, resp):
+            answers3.append((status, resp.headers.get("retry-after") if resp is not None else None))
+
+        result = load_test(server.url, image_file, n=24, concurrency=24, on_response=on_response, timeout=300)
+        out = server.output()
+    print(f"slow uploads cut off after {cut_after:.1f} s; half-open connections closed after "
+          f"{half_open_closed_after:.1f} s; burst: {result['status_counts']}")
+    assert result["failed"] == 0 and result["ok"] >= 1, (result, out[-2000:])
+    assert all(s == 200 or (s == 503 and r is not None and int(r) >= 1) for s, r in answers3), answers3
+    assert list((tmp_path / "svc").iterdir()) == []
+    assert "Traceback" not in out
