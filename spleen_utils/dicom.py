@@ -5,7 +5,8 @@ Reading (pydicom 3; compressed transfer syntaxes through the pylibjpeg plugins: 
 
 * a file is DICOM when it carries the ``DICM`` marker after its 128-byte preamble, whatever its
   name (scanner exports often have no ``.dcm`` extension); files without pixel data or without
-  a plane geometry (DICOMDIR, reports, SEG objects, localiser fragments) are ignored;
+  a plane geometry (DICOMDIR, reports, SEG objects) are ignored; headers are read first, a
+  series' pixels only once it is chosen;
 * images are grouped into series by Series Instance UID; an anonymised series whose UIDs were
   emptied is grouped by series number, size and orientation and gets a label such as
   ``no-uid-1`` that ``series_uid=`` accepts; several series and no choice is an error listing
@@ -254,9 +255,9 @@ def _text(ds, name: str) -> str:
 
 
 def _is_image(ds) -> bool:
-    return (
-        "PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
-    ) and "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds and int(getattr(ds, "NumberOfFrames", 1) or 1) == 1
+    """A single-frame image slice with a plane geometry (judged from the header, read without pixels)."""
+    return all(t in ds for t in ("Rows", "Columns", "BitsAllocated", "ImagePositionPatient", "ImageOrientationPatient")) \
+        and int(getattr(ds, "NumberOfFrames", 1) or 1) == 1
 
 
 def find_series(folder: str | Path, where: str | None = None) -> list[Series]:
@@ -271,10 +272,10 @@ def find_series(folder: str | Path, where: str | None = None) -> list[Series]:
             continue
         n_dicom += 1
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=False, defer_size=256)
+            ds = pydicom.dcmread(f, stop_before_pixels=True)  # headers only: a series' pixels are read once it is chosen
         except Exception as e:  # noqa: BLE001  pydicom raises many kinds on damaged files
             raise DataError(f"{f.name}: a damaged DICOM file ({type(e).__name__}: {str(e)[:120]}).") from None
-        if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 and "PixelData" in ds:
+        if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
             n_multiframe += 1
         if not _is_image(ds):
             continue
@@ -400,7 +401,7 @@ def read_series(source: str | Path, series_uid: str | None = None, name: str | N
     :class:`DataError` with one sentence for everything a user can get wrong (see the module
     docstring).
     """
-    _require()
+    pydicom = _require()
     source = Path(source)
     display = name or str(source)
     with series_folder(source, name=name, **zip_limits) as folder:
@@ -408,19 +409,22 @@ def read_series(source: str | Path, series_uid: str | None = None, name: str | N
         where = f"{display} (series {s.key})"
         order, lps = geometry(s.headers, where)
         headers = [s.headers[i] for i in order]
+        files = [s.files[i] for i in order]
         rows, cols = int(headers[0].Rows), int(headers[0].Columns)
         if max_voxels is not None and rows * cols * len(headers) > max_voxels:
             raise DataError(f"{where}: {cols}x{rows}x{len(headers)} voxels, more than the {max_voxels} accepted.")
         array = np.empty((cols, rows, len(headers)), dtype=np.float32)
-        for k, h in enumerate(headers):
-            values = _slice_values(h, where)
+        for k, f in enumerate(files):  # one slice's pixels in memory at a time, besides the volume
+            try:
+                ds = pydicom.dcmread(f)
+            except Exception as e:  # noqa: BLE001
+                raise DataError(f"{where}: the slice {f.name} is damaged ({type(e).__name__}).") from None
+            if not any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+                raise DataError(f"{where}: the slice {f.name} has no pixel data.")
+            values = _slice_values(ds, where)
             if values.shape != (rows, cols):
                 raise DataError(f"{where}: a slice's pixel data has shape {values.shape}, not {rows}x{cols}.")
             array[:, :, k] = values.T
-            # keep the headers light: the SEG writer needs the attributes, not the pixels
-            for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-                if tag in h:
-                    delattr(h, tag)
     if not np.isfinite(array).all():
         raise DataError(f"{where}: the series contains NaN or infinite voxels.")
     affine = LPS_TO_RAS @ lps

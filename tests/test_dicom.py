@@ -384,6 +384,22 @@ def test_seg_round_trip_slice_by_slice(tmp_path, kind):
     assert equal and err < 1e-4
 
 
+def test_non_image_dicom_in_the_folder_is_ignored(tmp_path):
+    """A SEG saved into the series folder (and a DICOM file without a plane) do not join the series."""
+    array = volume()
+    write_series(tmp_path / "s", array, affine_for("RAS"))
+    dv = read_series(tmp_path / "s")
+    write_seg(spleen_mask(array.shape), dv, tmp_path / "s" / "mask.dcm")
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.88.11", generate_uid()
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    report = Dataset()
+    report.file_meta, report.SOPClassUID, report.SOPInstanceUID, report.Modality = meta, meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "SR"
+    report.save_as(tmp_path / "s" / "REPORT", enforce_file_format=True)
+    again = read_series(tmp_path / "s")
+    assert len(again.headers) == array.shape[2] and np.array_equal(again.volume.array, array)
+
+
 def test_empty_mask_gives_a_valid_seg(tmp_path):
     array = volume()
     write_series(tmp_path / "s", array, affine_for("RAS"))
