@@ -4,8 +4,8 @@ Reading (pydicom 3; compressed transfer syntaxes through the pylibjpeg plugins: 
 ``pylibjpeg-openjpeg``, JPEG-LS and lossless JPEG with ``pylibjpeg-libjpeg``):
 
 * a file is DICOM when it carries the ``DICM`` marker after its 128-byte preamble, whatever its
-  name (scanner exports often have no ``.dcm`` extension); files without pixel data or without
-  a plane geometry (DICOMDIR, reports, SEG objects) are ignored; headers are read first, a
+  name (scanner exports often have no ``.dcm`` extension); files that are not single-frame
+  slices with a plane geometry (DICOMDIR, reports, SEG objects) are ignored; headers are read first, a
   series' pixels only once it is chosen;
 * images are grouped into series by Series Instance UID; an anonymised series whose UIDs were
   emptied is grouped by series number, size and orientation and gets a label such as
