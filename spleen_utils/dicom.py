@@ -435,6 +435,13 @@ def read_series(source: str | Path, series_uid: str | None = None, name: str | N
     return DicomVolume(volume=vol, series=s, headers=headers)
 
 
+def load_image(path: str | Path, series_uid: str | None = None) -> Volume:
+    """A CT volume from a NIfTI file or a DICOM series (folder or zip): the notebooks' one loader."""
+    from .io import load_nifti
+
+    return read_series(path, series_uid=series_uid).volume if is_dicom_input(path) else load_nifti(path)
+
+
 def convert(source: str | Path, output: str | Path, series_uid: str | None = None) -> tuple[DicomVolume, Path]:
     """A series (folder or zip) to a NIfTI file; whole-number HU are stored as int16."""
     from .io import is_nifti_name, save_nifti

@@ -249,6 +249,16 @@ def test_duplicate_positions_are_refused(tmp_path):
         read_series(tmp_path / "s")
 
 
+def test_load_image_takes_nifti_or_series(tmp_path):
+    from spleen_utils.dicom import load_image
+
+    array, affine = volume(seed=13), affine_for("LPS")
+    nib.save(nib.Nifti1Image(array, affine), str(tmp_path / "ct.nii.gz"))
+    write_series(tmp_path / "s", array, affine)
+    a, b = load_image(tmp_path / "ct.nii.gz"), load_image(tmp_path / "s")
+    assert np.array_equal(a.array, b.array) and np.allclose(a.affine, b.affine, atol=1e-5)
+
+
 def test_folder_without_dicom_is_not_a_series(tmp_path):
     (tmp_path / "n").mkdir()
     nib.save(nib.Nifti1Image(volume(), np.eye(4)), str(tmp_path / "n" / "a.nii.gz"))
