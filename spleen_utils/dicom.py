@@ -283,7 +283,10 @@ def find_series(folder: str | Path, where: str | None = None) -> list[Series]:
         if uid:
             gkey: Any = uid
         else:  # anonymised without UIDs: what a series shares
-            iop = tuple(round(float(v), 3) for v in ds.ImageOrientationPatient)
+            try:
+                iop = tuple(round(float(v), 3) for v in ds.ImageOrientationPatient)
+            except (ValueError, TypeError):
+                iop = (str(ds.ImageOrientationPatient),)
             gkey = ("", _text(ds, "SeriesNumber"), _text(ds, "SeriesDescription"), int(ds.Rows), int(ds.Columns), iop)
         s = groups.get(gkey)
         if s is None:
@@ -321,6 +324,13 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 def geometry(headers: list[Any], where: str) -> tuple[list[int], np.ndarray]:
     """Sort slices along the normal and check the grid; returns (order, LPS affine of the sorted stack)."""
+    try:
+        return _geometry(headers, where)
+    except (ValueError, TypeError, AttributeError, IndexError):  # a position, orientation or spacing that is not numbers
+        raise DataError(f"{where}: a slice's ImagePositionPatient, ImageOrientationPatient or PixelSpacing is not a list of numbers.") from None
+
+
+def _geometry(headers: list[Any], where: str) -> tuple[list[int], np.ndarray]:
     first = headers[0]
     iop = np.array([float(v) for v in first.ImageOrientationPatient], dtype=np.float64)
     if iop.size != 6 or not np.all(np.isfinite(iop)):

@@ -259,6 +259,15 @@ def test_load_image_takes_nifti_or_series(tmp_path):
     assert np.array_equal(a.array, b.array) and np.allclose(a.affine, b.affine, atol=1e-5)
 
 
+def test_broken_geometry_is_one_sentence(tmp_path):
+    info = write_series(tmp_path / "s", volume(), affine_for("RAS"))
+    ds = pydicom.dcmread(info["files"][3])
+    ds.ImagePositionPatient = ["1.0", "2.0"]  # two numbers instead of three
+    ds.save_as(info["files"][3])
+    with pytest.raises(DataError, match="not a list of numbers"):
+        read_series(tmp_path / "s")
+
+
 def test_folder_without_dicom_is_not_a_series(tmp_path):
     (tmp_path / "n").mkdir()
     nib.save(nib.Nifti1Image(volume(), np.eye(4)), str(tmp_path / "n" / "a.nii.gz"))
