@@ -23,6 +23,8 @@ from .errors import DataError
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: refuse images whose header asks for more voxels than this (about 4 GB as float32)
 MAX_VOXELS = 1_000_000_000
+#: the most bytes of NIfTI header extensions accepted (metadata, not voxels; read before nibabel does)
+MAX_EXTENSION_BYTES = 1 << 20
 
 
 def is_nifti_name(path: str | Path) -> bool:
@@ -90,6 +92,134 @@ class Volume:
         return "".join(nib.aff2axcodes(self.affine))
 
 
+
+# ----------------------------------------------------------------------------------------------
+# the header guard: the 348-byte NIfTI-1 (540-byte NIfTI-2) header and its extension table are
+# checked here, with bounded reads, before nibabel parses them. nibabel reads an extension whose
+# size field is 7 or negative with ``read(-1)``: the whole (decompressed) file at once.
+
+class NiftiHeaderError(DataError):
+    """A NIfTI header refused before nibabel reads it. ``kind``: ``not_nifti`` (no NIfTI header at
+    all), ``corrupt_nifti`` (truncated or damaged) or ``bad_header`` (a field out of range)."""
+
+    def __init__(self, message: str, kind: str = "bad_header"):
+        super().__init__(message)
+        self.kind = kind
+
+
+_NIFTI_HEADERS = {348: nib.Nifti1Header, 540: nib.Nifti2Header}
+_DATATYPES = frozenset(int(c) for c in nib.nifti1.data_type_codes.code if isinstance(c, int) and c != 0)
+
+
+def _read_upto(f, n: int) -> bytes:
+    """At most ``n`` bytes (fewer only at the end of the stream); a gzip stream inflates no more."""
+    parts, got = [], 0
+    while got < n:
+        block = f.read(n - got)
+        if not block:
+            break
+        parts.append(block)
+        got += len(block)
+    return b"".join(parts)
+
+
+def check_nifti_stream(f, name: str, size: int | None = None) -> str:
+    """Validate a NIfTI header and its extension table from ``f`` (positioned at the start).
+
+    Reads at most the header, 4 bytes and :data:`MAX_EXTENSION_BYTES`. ``size`` is the stream's
+    length when known (an uncompressed file). Returns ``"nifti1"`` or ``"nifti2"``; raises
+    :class:`DataError` with one sentence for anything nibabel would choke on or read unboundedly.
+    """
+    raw = _read_upto(f, 348)
+    order = next((o for o in "<>" if len(raw) >= 4 and int(np.frombuffer(raw[:4], o + "i4")[0]) in _NIFTI_HEADERS), None)
+    if order is None:
+        raise NiftiHeaderError(f"{name}: not a NIfTI file (its first bytes are not a NIfTI-1 or NIfTI-2 header).", "not_nifti")
+    hsize = int(np.frombuffer(raw[:4], order + "i4")[0])
+    klass = _NIFTI_HEADERS[hsize]
+    kind = "nifti1" if hsize == 348 else "nifti2"
+    if len(raw) == 348 and hsize > 348:
+        raw += _read_upto(f, hsize - 348)
+    if len(raw) < hsize:
+        raise NiftiHeaderError(f"{name}: the file ends after {len(raw)} bytes, inside its NIfTI header; it is truncated.", "corrupt_nifti")
+    h = np.frombuffer(raw[:hsize], dtype=klass.template_dtype.newbyteorder(order))[0]
+    magic = bytes(h["magic"]).rstrip(b"\x00")
+    if magic not in (klass.single_magic, klass.pair_magic):
+        raise NiftiHeaderError(f"{name}: not a NIfTI file (the header's magic string is {magic[:8]!r}).", "not_nifti")
+    if kind == "nifti2" and tuple(int(v) for v in h["eol_check"]) not in ((13, 10, 26, 10), (0, 0, 0, 0)):
+        raise NiftiHeaderError(f"{name}: the NIfTI-2 header's end-of-line check bytes are wrong; the file was corrupted in transfer.")
+    dim = [int(v) for v in h["dim"]]
+    if not 1 <= dim[0] <= 7:
+        raise NiftiHeaderError(f"{name}: the NIfTI header declares {dim[0]} dimensions; a NIfTI image has 1 to 7.")
+    if min(dim[1 : dim[0] + 1]) < 0:
+        raise NiftiHeaderError(f"{name}: the NIfTI header declares a negative size (dim {dim[1 : dim[0] + 1]}).")
+    if int(h["datatype"]) not in _DATATYPES:
+        raise NiftiHeaderError(f"{name}: the NIfTI header's voxel datatype code {int(h['datatype'])} is not a NIfTI datatype.")
+    vox_offset = float(h["vox_offset"])
+    if not math.isfinite(vox_offset) or vox_offset < 0:
+        raise NiftiHeaderError(f"{name}: the NIfTI header's voxel offset ({vox_offset:g}) is negative or not a number.")
+    vox_offset = int(vox_offset)
+    if magic == klass.single_magic and 0 < vox_offset < klass.single_vox_offset:
+        raise NiftiHeaderError(f"{name}: the NIfTI header's voxel offset ({vox_offset}) points inside the header itself.")
+    if size is not None and vox_offset > size:
+        raise NiftiHeaderError(f"{name}: the NIfTI header's voxel offset ({vox_offset}) lies beyond the end of the {size}-byte file; it is truncated or corrupt.")
+    xforms = [("pixdim", h["pixdim"][1:4])]
+    if int(h["qform_code"]) > 0:
+        xforms.append(("qform", [h[k] for k in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")]))
+    if int(h["sform_code"]) > 0:
+        xforms.append(("sform", [*h["srow_x"], *h["srow_y"], *h["srow_z"]]))
+    for what, values in xforms:
+        if not np.isfinite(np.asarray(values, dtype=np.float64)).all():
+            raise NiftiHeaderError(f"{name}: the NIfTI header's {what} holds NaN or infinite numbers.")
+
+    flag = _read_upto(f, 4)
+    if len(flag) < 4 or flag[0] == 0:
+        return kind
+    # as nibabel reads them: extensions until the voxel offset (to the end when the offset is 0)
+    pos = hsize + 4
+    remaining = vox_offset - pos
+    total = 0
+    while remaining >= 16 or remaining < 0:
+        head = _read_upto(f, 8)
+        if not head and remaining < 0:
+            break
+        if len(head) < 8:
+            raise NiftiHeaderError(f"{name}: the file ends inside a NIfTI header extension; it is truncated or corrupt.", "corrupt_nifti")
+        esize = int(np.frombuffer(head[:4], order + "i4")[0])
+        if esize < 16 or esize % 16:
+            raise NiftiHeaderError(f"{name}: a NIfTI header extension declares {esize} bytes; extension sizes are positive multiples of 16.")
+        if remaining >= 0 and esize > remaining:
+            raise NiftiHeaderError(f"{name}: a NIfTI header extension of {esize} bytes runs past the start of the voxel data (offset {vox_offset}).")
+        if size is not None and pos + esize > size:
+            raise NiftiHeaderError(f"{name}: a NIfTI header extension of {esize} bytes runs past the end of the {size}-byte file.")
+        total += esize
+        if total > MAX_EXTENSION_BYTES:
+            raise NiftiHeaderError(f"{name}: the NIfTI header extensions take more than {MAX_EXTENSION_BYTES // (1 << 20)} MiB; this program accepts at most that much metadata.")
+        if len(_read_upto(f, esize - 8)) < esize - 8:
+            raise NiftiHeaderError(f"{name}: the file ends inside a NIfTI header extension; it is truncated or corrupt.", "corrupt_nifti")
+        pos += esize
+        if remaining >= 0:
+            remaining -= esize
+    return kind
+
+
+def check_nifti_file(path: str | Path, name: str | None = None, gz: bool | None = None) -> str:
+    """:func:`check_nifti_stream` on a file; ``gz`` (default: the name ends ``.gz``) decompresses
+    only the header's bytes. Used by :func:`load_nifti` and the service's upload reader."""
+    path = Path(path)
+    name = str(path) if name is None else name
+    gz = str(path).endswith(".gz") if gz is None else gz
+    try:
+        if gz:
+            with gzip.open(path, "rb") as f:
+                return check_nifti_stream(f, name)
+        with open(path, "rb") as f:
+            return check_nifti_stream(f, name, os.fstat(f.fileno()).st_size)
+    except (EOFError, OSError, zlib.error):  # gzip.BadGzipFile is an OSError
+        what = "gzip stream" if gz else "file"
+        raise NiftiHeaderError(f"{name}: the {what} cannot be read up to the end of its NIfTI header; it is truncated, corrupt or not NIfTI.",
+                               "corrupt_nifti") from None
+
+
 def check_header(img: nib.spatialimages.SpatialImage, what: str, name: str) -> tuple[int, int, int]:
     """Validate dimensionality, size and voxel type from the header alone (no voxel read)."""
     shape = tuple(int(s) for s in img.shape)
@@ -120,25 +250,33 @@ def load_nifti(path: str | Path, what: str = "image", dtype=np.float32) -> Volum
         raise DataError(f"{name}: no such file.")
     if path.is_dir():
         raise DataError(f"{name}: is a folder, not a NIfTI file.")
+    check_nifti_file(path, name)  # header and extensions, bounded, before nibabel reads them
     try:
         img = nib.load(str(path))
     except nib.filebasedimages.ImageFileError:
         raise DataError(f"{name}: not a NIfTI file (nibabel cannot read its header).") from None
-    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as e:
-        raise DataError(f"{name}: cannot read the NIfTI header ({type(e).__name__}: {e}); the file is corrupt or truncated.") from None
+    except nib.spatialimages.HeaderDataError as e:
+        raise DataError(f"{name}: the NIfTI header is invalid ({str(e).splitlines()[0][:120] if str(e) else 'HeaderDataError'}).") from None
+    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, OverflowError) as e:
+        raise DataError(f"{name}: cannot read the NIfTI header ({type(e).__name__}); the file is corrupt or truncated.") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise DataError(f"{name}: is a {type(img).__name__}, not a NIfTI image.")
     shape = check_header(img, what, name)
     try:
+        affine = np.asarray(img.affine, dtype=np.float64)
         data = np.asanyarray(img.dataobj)
+    except nib.spatialimages.HeaderDataError:
+        raise DataError(f"{name}: the NIfTI header is invalid (nibabel cannot interpret its geometry or voxel type).") from None
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as e:
         raise DataError(f"{name}: cannot read the voxels ({type(e).__name__}); the file is truncated or corrupt.") from None
+    if not np.isfinite(affine).all():
+        raise DataError(f"{name}: the {what}'s affine (voxel to world) holds NaN or infinite numbers.")
     data = np.asarray(data).reshape(shape)
     if dtype is not None:
         data = data.astype(dtype, copy=False)
     if data.dtype.kind == "f" and not np.isfinite(data).all():
         raise DataError(f"{name}: the {what} contains NaN or infinite voxels.")
-    return Volume(array=data, affine=img.affine.astype(np.float64), header=img.header, path=path)
+    return Volume(array=data, affine=affine, header=img.header, path=path)
 
 
 def temp_beside(path: Path, suffix: str = ".tmp") -> Path:
@@ -155,14 +293,39 @@ def temp_beside(path: Path, suffix: str = ".tmp") -> Path:
     return Path(tmp)
 
 
+def fsync_path(path: str | Path, directory: bool = False) -> None:
+    """Flush a file's data (or a folder's entries) to the disk; a folder that cannot be opened
+    for it (some file systems) is skipped."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if directory:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = ".tmp"):
-    """Yield a temporary path; on success it replaces ``path``, on failure it is removed."""
+    """Yield a temporary path; on success it replaces ``path``, on failure it is removed.
+
+    The data is flushed (``fsync``) before the rename and the folder after it, so a crash never
+    leaves ``path`` naming an empty or half-written file.
+    """
     path = Path(path)
     tmp = temp_beside(path, suffix)
     try:
         yield tmp
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent, directory=True)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SpleenError
+from .errors import DataError, SpleenError
 
 log = logging.getLogger("spleen_utils.service")
 
@@ -493,10 +493,16 @@ def inspect_header(upload: Upload, max_voxels: int) -> HeaderInfo:
     import numpy as np
 
     from .errors import DataError
-    from .io import check_header
+    from .io import NiftiHeaderError, check_header, check_nifti_file
 
+    try:  # the header and its extension table, with bounded reads, before nibabel parses them
+        check_nifti_file(upload.path, "upload", gz=upload.gzip)
+    except NiftiHeaderError as e:
+        raise _bad_image(e.kind, str(e)) from None
     try:
         img = nib.load(str(upload.path))
+    except nib.spatialimages.HeaderDataError:
+        raise _bad_image("bad_header", "the NIfTI header holds invalid values (nibabel refuses it).") from None
     except nib.filebasedimages.ImageFileError:
         if upload.gzip and _gzip_head_is_short(upload.path, 348):
             raise _bad_image("corrupt_nifti", "the .nii.gz ends before its NIfTI header does: the file is truncated or corrupt.") from None
