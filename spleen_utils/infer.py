@@ -81,6 +81,12 @@ from .io import Volume, case_name, is_label_array, is_nifti_name, load_nifti, lo
 #: as one window; about 3 GB of activations in fp32 for the spleen UNet (measured: ~1.2 GB for
 #: 7.8 M voxels). Larger volumes use the sliding window.
 DEFAULT_MAX_WINDOW_VOXELS = 20_000_000
+#: the most voxels a volume may have on the recipe's grid (after cropping and resampling):
+#: about 1 GiB as float32. A whole-body CT (50 x 50 x 200 cm) at the full recipe's 1.5 x 1.5 x
+#: 2 mm is 1.1e8 voxels; 16^3 voxels of 400 mm would be 6e9 on the quick grid.
+MAX_RESAMPLED_VOXELS = 1 << 28
+#: the voxel sizes (mm) an input may have; beyond them the header is wrong, not the scanner
+MIN_SPACING_MM, MAX_SPACING_MM = 1e-3, 100.0
 WINDOWS = ("auto", "whole", "sliding")
 PRECISIONS = ("auto", "fp32", "amp", "bf16", "fp16")
 #: relative tolerance for "this resampling matrix is diagonal"
@@ -169,14 +175,70 @@ def _diagonal(xform: np.ndarray) -> bool:
     return bool(np.all(np.abs(off) <= _DIAG_TOL * np.abs(np.diag(m)).max()) and np.all(np.diag(m) > 0))
 
 
+def check_spacing(affine: np.ndarray, name: str = "image") -> tuple[float, float, float]:
+    """The voxel size (mm per array axis) of ``affine``, refused when it is not finite, degenerate,
+    or outside :data:`MIN_SPACING_MM` .. :data:`MAX_SPACING_MM`."""
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4) or not np.isfinite(a).all():
+        raise DataError(f"{name}: the affine (voxel to world) is not a finite 4x4 matrix.")
+    spacing = tuple(float(v) for v in np.sqrt((a[:3, :3] ** 2).sum(axis=0)))
+    text = "x".join(f"{v:.4g}" for v in spacing)
+    if not all(MIN_SPACING_MM <= v <= MAX_SPACING_MM for v in spacing):
+        raise DataError(
+            f"{name}: a voxel size of {text} mm is outside the {MIN_SPACING_MM:g} to {MAX_SPACING_MM:g} mm this "
+            "program accepts; the header's geometry is wrong."
+        )
+    if abs(float(np.linalg.det(a[:3, :3]))) < 1e-9 * math.prod(spacing):
+        raise DataError(f"{name}: the affine is degenerate (its voxel axes are not independent).")
+    return spacing  # type: ignore[return-value]
+
+
+def check_resampled_size(out_shape, recipe, name: str = "image") -> tuple[int, int, int]:
+    """Refuse a grid on the recipe's spacing with more than :data:`MAX_RESAMPLED_VOXELS` voxels,
+    before anything of that size is allocated; the one check every prediction path calls."""
+    dims = [float(v) for v in out_shape]
+    if len(dims) != 3 or not all(math.isfinite(v) and v >= 1 for v in dims):
+        raise DataError(f"{name}: the image's grid on the model's spacing is not a valid size ({out_shape}).")
+    voxels = math.prod(int(v) for v in dims)  # Python ints: no overflow
+    if voxels > MAX_RESAMPLED_VOXELS:
+        mm = "x".join(f"{float(v):g}" for v in recipe.pixdim)
+        raise DataError(
+            f"{name}: at the model's {mm} mm voxels the image would become {'x'.join(str(int(v)) for v in dims)} = "
+            f"{voxels:,} voxels, more than the {MAX_RESAMPLED_VOXELS:,} this program accepts (check the header's voxel size)."
+        )
+    return tuple(int(v) for v in dims)  # type: ignore[return-value]
+
+
+def _model_grid(shape, affine: np.ndarray, recipe):
+    """Spacingd's output grid for an image of ``shape`` / ``affine`` (no voxel is touched):
+    (orientation transform, oriented shape, oriented affine, new affine, output shape)."""
+    from monai.data.utils import compute_shape_offset, zoom_affine
+
+    src = nib.orientations.io_orientation(affine)
+    dst = nib.orientations.axcodes2ornt(recipe.orientation)
+    ornt = nib.orientations.ornt_transform(src, dst)
+    affine_o = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+    oriented_shape = tuple(int(shape[int(ax)]) for ax in np.argsort(ornt[:, 0]))
+    new_affine = zoom_affine(affine_o, np.asarray(recipe.pixdim, dtype=np.float64), diagonal=False)
+    out_shape, offset = compute_shape_offset(oriented_shape, affine_o, new_affine, False)
+    new_affine[:3, 3] = offset[:3]
+    return ornt, oriented_shape, affine_o, new_affine, out_shape
+
+
+def resampled_shape(vol: Volume, recipe, name: str = "image") -> tuple[int, int, int]:
+    """The size of ``vol`` on the recipe's grid (without cropping: an upper bound), checked."""
+    check_spacing(vol.affine, name)
+    return check_resampled_size(_model_grid(vol.shape, vol.affine, recipe)[-1], recipe, name)
+
+
 def prepare(vol: Volume, recipe) -> Prepared | None | str:
     """The default path's preprocessing of ``vol`` (see the module docstring).
 
     Returns a :class:`Prepared`, ``None`` when the image has no foreground (an empty mask), or
     ``"generic"`` when its affine needs MONAI's generic resampling (shear).
     """
-    from monai.data.utils import compute_shape_offset, zoom_affine
-
+    name = str(vol.path) if vol.path is not None else "image"
+    check_spacing(vol.affine, name)  # before any geometry: finite, non-degenerate, plausible mm
     a = vol.array
     lo = float(recipe.hu_window[0])
     box = foreground_box(a, lo)
@@ -186,16 +248,10 @@ def prepare(vol: Volume, recipe) -> Prepared | None | str:
     crop_shape = tuple(s.stop - s.start for s in box)
     affine_c = vol.affine.copy()
     affine_c[:3, 3] = vol.affine[:3, :3] @ start + vol.affine[:3, 3]
-    # orientation: as Orientationd (nibabel's closest axes), a flip / transpose
-    src = nib.orientations.io_orientation(affine_c)
-    dst = nib.orientations.axcodes2ornt(recipe.orientation)
-    ornt = nib.orientations.ornt_transform(src, dst)
-    affine_o = affine_c @ nib.orientations.inv_ornt_aff(ornt, crop_shape)
-    oriented_shape = tuple(int(crop_shape[int(ax)]) for ax in np.argsort(ornt[:, 0]))
+    # orientation: as Orientationd (nibabel's closest axes), a flip / transpose;
     # spacing: Spacingd's output grid (zoom_affine + compute_shape_offset), its voxel mapping
-    new_affine = zoom_affine(affine_o, np.asarray(recipe.pixdim, dtype=np.float64), diagonal=False)
-    out_shape, offset = compute_shape_offset(oriented_shape, affine_o, new_affine, False)
-    new_affine[:3, 3] = offset[:3]
+    ornt, oriented_shape, affine_o, new_affine, out_shape = _model_grid(crop_shape, affine_c, recipe)
+    out_shape = check_resampled_size(out_shape, recipe, name)  # before the resampled volume exists
     xform = np.linalg.solve(affine_o, new_affine)  # model voxel -> oriented voxel
     if not _diagonal(xform):
         return "generic"
@@ -528,6 +584,7 @@ class Predictor:
         """MONAI's transforms and ``Invertd`` (any affine, including sheared ones)."""
         from monai.data import MetaTensor
 
+        resampled_shape(vol, self.recipe, str(vol.path) if vol.path is not None else "image")
         image = MetaTensor(torch.from_numpy(np.ascontiguousarray(vol.array, dtype=np.float32))[None], affine=torch.as_tensor(vol.affine))
         data = self.pre({"image": image})
         t["preprocess_s"] = time.perf_counter() - t0

@@ -12,6 +12,8 @@ Two kinds of model:
 from __future__ import annotations
 
 import gzip
+import math
+import re
 
 import nibabel as nib
 import numpy as np
@@ -301,3 +303,55 @@ def test_errors_are_one_sentence(tmp_path):
     assert not (tmp_path / "o.nii.gz").exists()
     with pytest.raises(SpleenError, match="precision"):
         Predictor.from_path(tmp_path / "x.pt", precision="int8")
+
+
+# ----------------------------------------------------------------------------------------------
+# resampling bombs (issue #9): the grid on the recipe's spacing is bounded before it is allocated
+
+from hostile_corpus import ct_block, hostile_corpus, measure  # noqa: E402
+
+from spleen_utils.config import get_config  # noqa: E402
+from spleen_utils.infer import MAX_RESAMPLED_VOXELS, check_resampled_size  # noqa: E402
+
+QUICK, FULL = get_config("quick").recipe, get_config("full").recipe
+
+
+@pytest.fixture(scope="module")
+def geometry_corpus(tmp_path_factory):
+    return [c for c in hostile_corpus(tmp_path_factory.mktemp("bombs")) if c.kind == "geometry"]
+
+
+@pytest.mark.parametrize("recipe", [QUICK, FULL], ids=["quick", "full"])
+@pytest.mark.parametrize("preprocess", ["fast", "monai"])
+def test_resampling_bombs_are_refused_before_allocation(geometry_corpus, recipe, preprocess):
+    """16^3 voxels of 400 mm (6e9 voxels on the quick grid, 4.8e10 on the full one), 2^3 of 1.6e7 mm,
+    64^3 of 90 mm (plausible-ish voxels, an absurd grid) and a zero voxel size: one sentence each,
+    with no more memory than the input's few voxels, on both preprocessing paths."""
+    predictor = Predictor(BoxBackend(recipe), lcc=False, preprocess=preprocess)
+    assert len(geometry_corpus) == 4
+    for case in geometry_corpus:
+        vol = load_nifti(case.path)
+        seconds, peak, err = measure(lambda: predictor.predict_volume(vol))
+        print(f"{case.name} ({preprocess}, pixdim {recipe.pixdim}): {seconds * 1000:.1f} ms, peak {peak / 2**20:.2f} MiB")
+        assert isinstance(err, DataError), f"{case.name}: {type(err).__name__}: {err}"
+        assert "\n" not in str(err) and re.search(case.match, str(err)), str(err)
+        assert peak < 16 << 20, f"{case.name}: {peak / 2**20:.1f} MiB allocated to refuse it"
+
+
+def test_bounds_leave_real_scans_alone():
+    """A whole-body CT (512 x 512 x 1000 at 0.98 x 0.98 x 2 mm) fits the full recipe's bound."""
+    assert math.prod((334, 334, 1000)) < MAX_RESAMPLED_VOXELS
+    assert check_resampled_size((334, 334, 1000), FULL) == (334, 334, 1000)
+    with pytest.raises(DataError, match="would become 2000x2000x2000"):
+        check_resampled_size((2000, 2000, 2000), FULL)
+    with pytest.raises(DataError, match="not a valid size"):
+        check_resampled_size((0, 10, 10), FULL)
+
+
+def test_absurd_spacing_refused_on_the_predict_file_path(tmp_path):
+    """The CLI's path (predict_file): NaN-free but absurd voxel sizes are one DataError."""
+    for zooms, words in [((400.0, 400.0, 400.0), "voxel size"), ((1e-5, 1.0, 1.0), "voxel size")]:
+        p = write(tmp_path / "x.nii.gz", ct_block(), np.diag([*zooms, 1.0]))
+        with pytest.raises(DataError, match=words):
+            Predictor(BoxBackend(QUICK), lcc=False).predict_file(p, tmp_path / "m.nii.gz")
+        assert not (tmp_path / "m.nii.gz").exists()

@@ -922,3 +922,22 @@ def test_real_server_under_slow_and_many_clients(model, image_file, tmp_path):
     assert all(s == 200 or (s == 503 and r is not None and int(r) >= 1) for s, r in answers3), answers3
     assert list((tmp_path / "svc").iterdir()) == []
     assert "Traceback" not in out
+
+
+# ----------------------------------------------------------------------------------------------
+# hostile headers and resampling bombs (issue #9): 422 with one sentence, never a 500
+
+
+@pytest.mark.parametrize("name,code", [
+    ("ext_size_7", "bad_header"), ("ext_size_negative", "bad_header"), ("ext_over_cap", "bad_header"),
+    ("bad_datatype", "bad_header"), ("negative_vox_offset", "bad_header"), ("nan_sform", "bad_header"),
+    ("bad_magic", "not_nifti"), ("ext_truncated", "corrupt_nifti"),
+    ("spacing_400mm_16cube", "unsupported_image"), ("spacing_1.6e7mm_2cube", "unsupported_image"),
+])
+def test_hostile_corpus_is_a_clear_422(client, app, tmp_path, name, code):
+    from hostile_corpus import hostile_corpus
+
+    case = {c.name: c for c in hostile_corpus(tmp_path)}[name]
+    r = post(client, case.path.read_bytes(), filename=case.path.name)
+    assert_clean_error(r, 422, code, app.state.service.tmp_dir)
+    assert re.search(case.match, r.json()["detail"]), r.json()
