@@ -941,3 +941,30 @@ def test_hostile_corpus_is_a_clear_422(client, app, tmp_path, name, code):
     r = post(client, case.path.read_bytes(), filename=case.path.name)
     assert_clean_error(r, 422, code, app.state.service.tmp_dir)
     assert re.search(case.match, r.json()["detail"]), r.json()
+
+
+def test_a_starved_event_loop_does_not_cut_off_its_clients(tmp_path):
+    """CPU starvation: the event loop stalls for 1.5 s (here a blocking call) while a client sends at a
+    good rate. The stall is the server's, so its length extends the upload deadline: no 408."""
+    import anyio
+
+    async def main():
+        req = _ChunkedRequest(chunks=12, size=4096, every=0.05)  # 80 KiB/s for 0.6 s
+
+        async def stall():
+            await anyio.sleep(0.05)
+            time.sleep(1.5)  # the loop gets no CPU: nothing runs, not even the deadline's timer
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stall)
+            up = await receive_upload(req, tmp_path, 1 << 20, timeout_s=1.0, grace_s=0.3, min_bytes_per_s=16 * 1024)
+        return up
+
+    up = anyio.run(main)
+    assert up.size == 12 * 4096
+    up.remove()
+    # the same client with nothing to blame on the server is still cut off at the hard limit
+    with pytest.raises(ServiceError) as e:
+        anyio.run(lambda: receive_upload(_StalledRequest(chunks=5), tmp_path, 1 << 20, timeout_s=0.5))
+    assert e.value.status == 408 and "0.5 s" in e.value.message
+    assert list(tmp_path.iterdir()) == []
