@@ -40,6 +40,7 @@ install them.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import stat
 import tempfile
@@ -72,6 +73,9 @@ ORIENT_TOL = 1e-4
 SNIFF_FILES = 200
 SEG_SUFFIXES = (".dcm",)
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: patient and study attributes a SEG copies from its source (type 2: present, possibly empty)
+TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate",
+                "StudyTime", "ReferringPhysicianName")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,8 +514,21 @@ def write_seg(mask: np.ndarray, source: DicomVolume, path: str | Path, algorithm
         number = int(getattr(first, "SeriesNumber", 0) or 0) + 1000
     except (TypeError, ValueError):
         number = 1000
+    # anonymisers often delete the patient and study attributes highdicom copies (type 2 in the
+    # SEG: present, possibly empty); give it copies with the missing ones empty, and the slice
+    # spacing as the thickness where none is given (the SEG's pixel measures need one)
+    gap = float(np.linalg.norm(source.volume.affine[:3, 2]))
+    sources = []
+    for h in source.headers:
+        h = copy.deepcopy(h)  # small: headers without pixels
+        for attr in TYPE2_COPIED:
+            if attr not in h:
+                setattr(h, attr, "")
+        if not str(getattr(h, "SliceThickness", "") or "").strip():
+            h.SliceThickness = f"{gap:.6g}"
+        sources.append(h)
     seg = hd.seg.Segmentation(
-        source_images=source.headers,
+        source_images=sources,
         pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment],

@@ -419,6 +419,23 @@ def test_non_image_dicom_in_the_folder_is_ignored(tmp_path):
     assert len(again.headers) == array.shape[2] and np.array_equal(again.volume.array, array)
 
 
+def test_seg_of_a_series_stripped_of_patient_and_study_attributes(tmp_path):
+    """Anonymisers delete type-2 attributes (patient, study date, accession...); the SEG is still written."""
+    array = volume()
+    info = write_series(tmp_path / "s", array, affine_for("LPS"))
+    for f in info["files"]:
+        ds = pydicom.dcmread(f)
+        for attr in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+                     "AccessionNumber", "ReferringPhysicianName", "SeriesNumber", "Manufacturer", "SliceThickness"):
+            delattr(ds, attr)
+        ds.save_as(f)
+    dv = read_series(tmp_path / "s")
+    mask = spleen_mask(array.shape)
+    out = write_seg(mask, dv, tmp_path / "seg.dcm")
+    assert np.array_equal(read_seg(out, dv), mask)
+    assert "PatientID" not in dv.headers[0]  # the reader's headers are left as they were
+
+
 def test_empty_mask_gives_a_valid_seg(tmp_path):
     array = volume()
     write_series(tmp_path / "s", array, affine_for("RAS"))
