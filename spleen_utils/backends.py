@@ -105,7 +105,7 @@ class OnnxBackend:
             msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             raise SpleenError(f"{model_path}: not a readable ONNX model ({type(e).__name__}: {msg}).") from None
         self.meta = parse_metadata(self.session.get_modelmeta().custom_metadata_map, model_path)
-        self.recipe = Recipe.from_dict(self.meta["recipe"])
+        self.recipe = Recipe.from_model(self.meta.get("recipe"), str(model_path))
         self.providers = self.session.get_providers()
         if self.providers[0] == "CUDAExecutionProvider":
             opts = self.session.get_provider_options().get("CUDAExecutionProvider", {})
@@ -162,7 +162,7 @@ class TensorRTBackend:
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.meta = read_engine_sidecar(engine_path)
-        self.recipe = Recipe.from_dict(self.meta["recipe"])
+        self.recipe = Recipe.from_model(self.meta.get("recipe"), str(engine_path))
         self.precision = str(self.meta.get("engine", {}).get("precision", "fp32"))
         self._multiple = spatial_multiple(self.recipe)
         self._input, self._output = INPUT_NAME, OUTPUT_NAME

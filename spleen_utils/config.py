@@ -8,6 +8,7 @@ validation interval, device.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,9 @@ from .errors import SpleenError
 
 #: the project root (the folder holding ``pyproject.toml``); data/ and outputs/ live under it.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+#: the voxel sizes (mm) a recipe may resample to, and the largest sliding window (voxels per axis)
+MIN_PIXDIM_MM, MAX_PIXDIM_MM = 0.05, 50.0
+MAX_ROI = 1024
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,74 @@ class Recipe:
             if k in known:
                 kwargs[k] = tuple(v) if isinstance(v, (list, tuple)) else v
         return cls(**kwargs)
+
+    @classmethod
+    def from_model(cls, d: Any, source: str) -> "Recipe":
+        """The recipe stored in a model file (checkpoint, ONNX metadata, engine sidecar), validated."""
+        if not isinstance(d, dict):
+            raise SpleenError(f"{source}: the model's recipe is missing or is not a JSON object.")
+        return cls.from_dict(d).validate(source)
+
+    def validate(self, source: str = "recipe") -> "Recipe":
+        """Check every field a model file can carry (as ``cpp/src/recipe.cpp`` does); returns self.
+
+        Raises :class:`SpleenError` with one sentence naming ``source`` and the field.
+        """
+
+        def bad(field_name: str, rule: str) -> SpleenError:
+            return SpleenError(f"{source}: the model's recipe field {field_name!r} {rule}, not {getattr(self, field_name)!r}.")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        def ints(field_name: str, n: int | None, lo: int, hi: int) -> tuple[int, ...]:
+            v = getattr(self, field_name)
+            if not isinstance(v, tuple) or (n is not None and len(v) != n) or not v or \
+                    not all(is_int(x) and lo <= x <= hi for x in v):
+                count = f"{n} " if n else ""
+                raise bad(field_name, f"must be a list of {count}whole numbers from {lo} to {hi}")
+            return v
+
+        px = self.pixdim
+        if not isinstance(px, tuple) or len(px) != 3 or not all(is_num(x) and MIN_PIXDIM_MM <= x <= MAX_PIXDIM_MM for x in px):
+            raise bad("pixdim", f"must be 3 voxel sizes from {MIN_PIXDIM_MM:g} to {MAX_PIXDIM_MM:g} mm")
+        o = self.orientation
+        if not isinstance(o, str) or len(o) != 3 or sorted("RLAPSI".index(c) // 2 for c in o if c in "RLAPSI") != [0, 1, 2]:
+            raise bad("orientation", "must be three axis codes, one of R/L, A/P and S/I each, such as 'RAS'")
+        hu = self.hu_window
+        if not isinstance(hu, tuple) or len(hu) != 2 or not all(is_num(x) for x in hu) or not hu[0] < hu[1]:
+            raise bad("hu_window", "must be [low, high] in HU with low < high")
+        ints("patch_size", 3, 1, 1024)
+        strides = ints("strides", None, 1, 8)
+        channels = ints("channels", None, 1, 4096)
+        if len(channels) != len(strides) + 1:
+            raise bad("channels", f"must list one more entry than 'strides' ({len(strides)})")
+        if not is_int(self.num_res_units) or not 0 <= self.num_res_units <= 16:
+            raise bad("num_res_units", "must be a whole number from 0 to 16")
+        if not isinstance(self.norm, str) or not self.norm:
+            raise bad("norm", "must name a normalisation such as 'batch'")
+        labels = self.labels
+        if not isinstance(labels, tuple) or not 2 <= len(labels) <= 256 or not all(isinstance(x, str) and x for x in labels):
+            raise bad("labels", "must list 2 to 256 label names, background first")
+        divisor = math.prod(strides)
+        roi = ints("sw_roi", 3, 1, MAX_ROI)
+        if any(r % divisor for r in roi):
+            raise bad("sw_roi", f"must be multiples of {divisor}, which the network's strides require")
+        if not is_int(self.sw_batch_size) or not 1 <= self.sw_batch_size <= 1024:
+            raise bad("sw_batch_size", "must be a whole number from 1 to 1024")
+        if not is_num(self.overlap) or not 0.0 <= self.overlap < 1.0:
+            raise bad("overlap", "must be a number in [0, 1)")
+        if not is_int(self.num_samples) or self.num_samples < 1:
+            raise bad("num_samples", "must be a positive whole number")
+        for name in ("pos", "neg"):
+            if not is_num(getattr(self, name)) or getattr(self, name) < 0:
+                raise bad(name, "must be a non-negative number")
+        if not is_num(self.learning_rate) or self.learning_rate <= 0:
+            raise bad("learning_rate", "must be a positive number")
+        return self
 
 
 @dataclass

@@ -195,6 +195,7 @@ def parse_metadata(props: Mapping[str, str], source: str | Path = "model") -> di
             out[k] = int(v)
         else:
             out[k] = v
+    Recipe.from_model(out.get("recipe"), str(source))  # a recipe read from a file is validated
     return out
 
 

@@ -102,13 +102,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise SpleenError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}).") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise SpleenError(f"{path}: not a spleen_utils checkpoint (expected format {CHECKPOINT_FORMAT}).")
+    Recipe.from_model(ckpt.get("recipe"), str(path))  # a recipe read from a file is validated
     return ckpt
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Recipe, dict[str, Any]]:
     """Network (in eval mode, on ``device``), its recipe, and the checkpoint's metadata."""
     ckpt = read_checkpoint(path)
-    recipe = Recipe.from_dict(ckpt["recipe"])
+    recipe = Recipe.from_model(ckpt["recipe"], str(path))
     model = build_network(recipe)
     try:
         model.load_state_dict(ckpt["state_dict"])

@@ -83,3 +83,80 @@ def test_full_profile_trains_the_recipe_on_msd_alone_and_quick_adds_real_anatomy
     with pytest.raises(SpleenError, match="lr_schedule"):
         get_config("quick", lr_schedule="step")
     assert get_config("quick", real_train=[]).real_train == ()
+
+
+# ----------------------------------------------------------------------------------------------
+# a recipe read from a model file is validated (issue #9), as cpp/src/recipe.cpp validates it
+
+import json  # noqa: E402
+
+BAD_RECIPES = {  # case: (field, value)
+    "hu_window_reversed": ("hu_window", (164.0, -57.0)),
+    "hu_window_equal": ("hu_window", (100.0, 100.0)),
+    "sw_roi_tiny": ("sw_roi", (8, 8, 8)),
+    "sw_roi_zero": ("sw_roi", (0, 160, 160)),
+    "sw_roi_not_multiple": ("sw_roi", (100, 160, 160)),
+    "overlap_one": ("overlap", 1.0),
+    "overlap_negative": ("overlap", -0.1),
+    "overlap_nan": ("overlap", float("nan")),
+    "pixdim_zero": ("pixdim", (1.5, 0.0, 2.0)),
+    "pixdim_negative": ("pixdim", (1.5, -1.5, 2.0)),
+    "pixdim_inf": ("pixdim", (1.5, float("inf"), 2.0)),
+    "pixdim_two": ("pixdim", (1.5, 1.5)),
+    "sw_batch_size_zero": ("sw_batch_size", 0),
+    "labels_one": ("labels", ("spleen",)),
+    "orientation_repeated": ("orientation", "RRS"),
+    "strides_zero": ("strides", (2, 0, 2, 2)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECIPES))
+def test_recipe_validate_refuses_what_cpp_refuses(case):
+    key, value = BAD_RECIPES[case]
+    d = Recipe().to_dict()
+    d[key] = list(value) if isinstance(value, tuple) else value
+    with pytest.raises(SpleenError, match=f"field '{key}'") as e:
+        Recipe.from_model(d, "m.onnx")
+    msg = str(e.value)
+    assert msg.startswith("m.onnx: ") and msg.endswith(".") and "\n" not in msg
+
+
+def test_recipe_validate_accepts_the_profiles():
+    for profile in PROFILES:
+        assert get_config(profile).recipe.validate() == get_config(profile).recipe
+    tiny = Recipe(channels=(4, 8, 16, 32, 64), patch_size=(32, 32, 32), sw_roi=(64, 64, 64), sw_batch_size=2)
+    assert Recipe.from_model(tiny.to_dict(), "x") == tiny
+    with pytest.raises(SpleenError, match="recipe is missing"):
+        Recipe.from_model(None, "x.pt")
+
+
+def test_checkpoint_with_a_bad_recipe_is_refused(tmp_path):
+    r = Recipe(channels=(8, 16, 32, 64, 128))
+    path = save_checkpoint(build_network(r), r, tmp_path / "m.pt")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["recipe"]["hu_window"] = [200.0, -100.0]
+    torch.save(ckpt, tmp_path / "bad.pt")
+    for fn in (read_checkpoint, load_model):
+        with pytest.raises(SpleenError, match=r"bad.pt: the model's recipe field 'hu_window'"):
+            fn(tmp_path / "bad.pt")
+    ckpt["recipe"]["hu_window"] = [-57.0, 164.0]
+    ckpt["recipe"]["overlap"] = 1.0
+    torch.save(ckpt, tmp_path / "bad2.pt")
+    from spleen_utils.backends import TorchBackend
+
+    with pytest.raises(SpleenError, match="overlap"):
+        TorchBackend(tmp_path / "bad2.pt", device="cpu")
+
+
+def test_onnx_and_engine_metadata_with_a_bad_recipe_are_refused(tmp_path):
+    from spleen_utils.export import ONNX_FORMAT, REQUIRED_KEYS, parse_metadata
+
+    recipe = Recipe().to_dict()
+    recipe["sw_roi"] = [4, 4, 4]
+    props = {k: "{}" for k in REQUIRED_KEYS}
+    props.update({"spleen_utils.format": ONNX_FORMAT, "recipe": json.dumps(recipe), "labels": "[]", "opset": "17",
+                  "exporter": "x", "source_checkpoint_sha256": "0"})
+    with pytest.raises(SpleenError, match="model.onnx: the model's recipe field 'sw_roi'"):
+        parse_metadata(props, "model.onnx")
+    props["recipe"] = json.dumps(Recipe().to_dict())
+    assert parse_metadata(props, "model.onnx")["recipe"]["sw_roi"] == [160, 160, 160]
