@@ -6,7 +6,7 @@ PROFILE ?= quick
 # torch is pinned in the same pip command as everything else: an unpinned torch pulls CUDA wheels.
 PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check -q torch==2.13.0 -e '.[book,test,serve,dicom]'
 
-.PHONY: env reproduce data train predict evaluate test test-fast test-notebooks cpp lab bench clean refresh-notebooks
+.PHONY: env reproduce data train predict evaluate test test-fast test-notebooks cpp lab bench clean refresh-notebooks gpu-wheels gpu-check
 
 env: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -32,6 +32,21 @@ test-fast: env
 
 cpp:
 	bash cpp/build.sh
+
+## the GPU check (issue 11; spleen_utils/gpu_check.py). gpu-wheels, where pip reaches PyPI: the wheels a
+## GPU machine without network lacks, into the git-ignored gpu_wheels/ (about 10 MB): monai and nibabel
+## (pure Python, --no-deps: torch, numpy, scipy, scikit-image, tqdm, psutil, onnx must be there) and this
+## project's own wheel. gpu-check, on the GPU machine: install them offline, measure, write book/records/.
+GPU_WHEELS ?= gpu_wheels
+gpu-wheels:
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(BIN)/pip download --disable-pip-version-check -q --no-deps --only-binary=:all: --implementation py --abi none \
+		--platform any --python-version 3.12 -d $(GPU_WHEELS) monai==1.6.1 nibabel==5.4.2
+	$(BIN)/pip wheel --disable-pip-version-check -q --no-deps --no-build-isolation -w $(GPU_WHEELS) . && rm -rf build
+	@du -sh $(GPU_WHEELS) && ls $(GPU_WHEELS)
+
+gpu-check:
+	GPU_WHEELS=$(abspath $(GPU_WHEELS)) bash scripts/gpu_check.sh
 
 ## JupyterLab in the project's environment, with the "Python (spleen-seg)" kernel (the notebooks'
 ## kernelspec; they take the GPU when there is one)

@@ -324,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: modules whose ``register(subparsers)`` adds their sub-commands (deployment, service, reproduction);
 #: keep their top-level imports light: ``spleen-seg --help`` imports them all
-EXTENSION_MODULES: list[str] = ["spleen_utils.service", "spleen_utils.reproduce", "spleen_utils.deploy_cli", "spleen_utils.ablation"]
+EXTENSION_MODULES: list[str] = ["spleen_utils.service", "spleen_utils.reproduce", "spleen_utils.deploy_cli", "spleen_utils.ablation",
+                                 "spleen_utils.gpu_check"]
 
 
 def main(argv: list[str] | None = None) -> int:
