@@ -169,6 +169,23 @@ fi
 say "ONNX Runtime: $(tr '\n' ';' <"$ORT/SOURCE" 2>/dev/null || echo "$ORT")"
 
 # --- 3. configure and build ---------------------------------------------------------------------
-cmake -S "$HERE" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DONNXRUNTIME_ROOT="$ORT" >/dev/null
+# SANITIZE=1 builds a second copy with AddressSanitizer and UBSan into cpp/build/sanitize (the
+# tests run the hostile-input corpus through it); exit 77 when the compiler lacks them.
+BUILD_TYPE=Release
+CMAKE_EXTRA=()
+if [ "${SANITIZE:-0}" = 1 ]; then
+    BUILD="$HERE/build/sanitize"
+    BUILD_TYPE=RelWithDebInfo
+    SAN_FLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all"
+    probe="$(mktemp -d)"
+    echo 'int main(int c, char**) { int* p = new int[2]; p[0] = c; int r = p[0] - 1; delete[] p; return r; }' >"$probe/p.cpp"
+    if ! "${CXX:-c++}" $SAN_FLAGS "$probe/p.cpp" -o "$probe/p" >/dev/null 2>&1 || ! "$probe/p"; then
+        rm -rf "$probe"
+        unavailable "the C++ compiler cannot build or run with -fsanitize=address,undefined (libasan/libubsan missing?)"
+    fi
+    rm -rf "$probe"
+    CMAKE_EXTRA=("-DCMAKE_CXX_FLAGS=$SAN_FLAGS" "-DCMAKE_EXE_LINKER_FLAGS=-fsanitize=address,undefined")
+fi
+cmake -S "$HERE" -B "$BUILD" -DCMAKE_BUILD_TYPE="$BUILD_TYPE" -DONNXRUNTIME_ROOT="$ORT" "${CMAKE_EXTRA[@]}" >/dev/null
 cmake --build "$BUILD" -j "$JOBS"
 say "built $BUILD/spleen_infer"

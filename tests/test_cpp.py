@@ -18,6 +18,7 @@ Two kinds of model drive ``spleen_infer``:
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 from pathlib import Path
@@ -386,3 +387,134 @@ def test_window_modes(spleen_infer, box_model, tmp_path):
     assert proc.returncode == 0 and timings(proc.stdout)["window"] == "sliding"
     proc = run(spleen_infer, box_model, image, tmp_path / "bad.nii.gz", "--window", "tiles")
     assert proc.returncode == 2 and "--window" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# hostile input under AddressSanitizer and UBSan (issue #9)
+
+from hostile_corpus import hostile_corpus  # noqa: E402
+
+SANITIZED = CPP / "build" / "sanitize" / "spleen_infer"
+SANITIZER_WORDS = ("AddressSanitizer", "UndefinedBehaviorSanitizer", "LeakSanitizer", "runtime error:", "SUMMARY:")
+
+
+@pytest.fixture(scope="module")
+def spleen_infer_sanitized() -> Path:
+    """cpp/build.sh with SANITIZE=1: the same program built with -fsanitize=address,undefined."""
+    env = {**os.environ, "SANITIZE": "1"}
+    proc = subprocess.run(["bash", str(CPP / "build.sh")], check=False, capture_output=True, text=True, timeout=3600, env=env)
+    if proc.returncode == 77:
+        pytest.skip((proc.stderr.strip().splitlines() or ["cpp/build.sh: sanitizers unavailable"])[-1])
+    assert proc.returncode == 0, f"SANITIZE=1 cpp/build.sh failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert SANITIZED.exists()
+    return SANITIZED
+
+
+def run_measured(cmd: list[str], env: dict) -> tuple[int, str, str, float, float]:
+    """(exit status, stdout, stderr, seconds, peak RSS in MiB) of one child process (wait4's rusage)."""
+    import tempfile
+    import time
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        return p.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"), seconds, usage.ru_maxrss / 1024
+
+
+@pytest.mark.parametrize("pixdim", [(3.0, 3.0, 4.0), (1.5, 1.5, 2.0)], ids=["quick", "full"])
+def test_hostile_corpus_under_sanitizers(spleen_infer_sanitized, tmp_path, pixdim):
+    """Every hostile file (bad extension sizes, bad datatype, negative/NaN voxel offsets, truncated
+    files, 16^3 voxels of 400 mm, 2^3 voxels of 1.6e7 mm, ...): exit 2, one error line, no sanitizer
+    report, no file left behind."""
+    model = write_box_model(tmp_path / "box.onnx", Recipe(pixdim=pixdim))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    # leaks: ONNX Runtime keeps process-lifetime allocations; memory errors and UB abort at once
+    env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=0:exitcode=99"
+    env["UBSAN_OPTIONS"] = "print_stacktrace=1:halt_on_error=1:exitcode=98"
+    cases = hostile_corpus(tmp_path / "corpus")
+    assert len(cases) >= 20
+    report = []
+    for case in cases:
+        rc, out, err, seconds, rss = run_measured(
+            [str(spleen_infer_sanitized), str(model), str(case.path), str(out_dir / "mask.nii.gz"), "--threads", "1"], env)
+        report.append(f"{case.name}: exit {rc}, {seconds:.2f} s, peak RSS {rss:.0f} MiB (ASan build)")
+        assert not any(w in err for w in SANITIZER_WORDS), f"{case.name}: sanitizer report:\n{err[-3000:]}"
+        assert rc == 2, f"{case.name}: exit {rc}\n{err[-2000:]}"
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("spleen_infer: error: "), f"{case.name}: {err!r}"
+        assert case.path.name in lines[0] and re.search(case.match, lines[0]), f"{case.name}: {lines[0]}"
+        no_leftovers(out_dir, set())
+    print("\n".join(report))
+
+
+def test_sanitized_build_still_segments(spleen_infer_sanitized, box_model, tmp_path):
+    """The sanitized program on a well-formed image: a mask, and no report (the corpus test is not
+    passing merely because everything is refused)."""
+    image = synthetic_case("oblique_float64_sform", tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    env["ASAN_OPTIONS"] = "detect_leaks=0"
+    env["UBSAN_OPTIONS"] = "halt_on_error=1"
+    rc, out, err, _, _ = run_measured([str(spleen_infer_sanitized), str(box_model), str(image), str(tmp_path / "m.nii.gz"),
+                                       "--threads", "2"], env)
+    assert rc == 0 and not any(w in err for w in SANITIZER_WORDS), err[-3000:]
+    assert check_same_grid(tmp_path / "m.nii.gz", image).sum() > 0
+
+
+def test_mask_is_written_through_a_private_folder_and_fsynced(spleen_infer, box_model, tmp_path):
+    """The mask's temporary file: inside a fresh mkdtemp folder (mode 0700, random name), opened
+    without following symlinks for fsync, fsync'ed before the rename (strace shows the calls)."""
+    import shutil
+
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed: the system calls of the mask write cannot be observed")
+    image = synthetic_case("small_uint8_at_target_spacing", tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    trace = tmp_path / "trace.txt"
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    proc = subprocess.run(["strace", "-f", "-qq", "-o", str(trace), "-e", "trace=mkdir,mkdirat,openat,open,fsync,rename,renameat,renameat2",
+                           str(spleen_infer), str(box_model), str(image), str(out / "mask.nii.gz"), "--threads", "1"],
+                          check=False, capture_output=True, text=True, timeout=600, env=env)
+    if proc.returncode != 0 and "ptrace" in proc.stderr:
+        pytest.skip(f"strace cannot trace here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr
+    calls = trace.read_text().splitlines()
+    mk = [c for c in calls if re.search(r"mkdir(at)?\(.*/out/\.mask\.nii\.gz\.\w{6}\", 0700\) = 0", c)]
+    assert len(mk) == 1, "\n".join(c for c in calls if "out/" in c)
+    folder = re.search(r"\"([^\"]+/out/\.mask\.nii\.gz\.\w{6})\"", mk[0]).group(1)
+    i_mk = calls.index(mk[0])
+    i_rename = next(i for i, c in enumerate(calls) if re.search(r"rename(at2?)?\(.*" + re.escape(folder) + r"/mask\.nii\.gz.*out/mask\.nii\.gz", c))
+    opened = [i for i, c in enumerate(calls) if "open" in c and f"{folder}/mask.nii.gz" in c]
+    assert opened and all(i_mk < i < i_rename for i in opened)
+    nofollow = [i for i in opened if "O_NOFOLLOW" in calls[i]]
+    assert nofollow, [calls[i] for i in opened]
+    fd = re.search(r"= (\d+)$", calls[nofollow[-1]]).group(1)
+    assert any(re.search(rf"fsync\({fd}\)\s+= 0", c) for c in calls[nofollow[-1]:i_rename]), calls[nofollow[-1]:i_rename + 1]
+    no_leftovers(out, {"mask.nii.gz"})
+    assert check_same_grid(out / "mask.nii.gz", image).shape == (30, 20, 10)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("hu_window", (164.0, -57.0)), ("overlap", 1.0), ("sw_roi", (8, 8, 8)), ("pixdim", (0.0, 1.5, 2.0)),
+    ("pixdim", (100.0, 100.0, 100.0)), ("sw_batch_size", 0), ("sw_roi", (2048, 160, 160)),
+])
+def test_bad_recipe_refused_alike_by_cpp_and_python(spleen_infer, tmp_path, field, value):
+    """The recipe in a model file: cpp/src/recipe.cpp and spleen_utils.config.Recipe.validate refuse the same ones."""
+    import dataclasses
+
+    from spleen_utils.errors import SpleenError
+
+    bad = dataclasses.replace(Recipe(), **{field: value})
+    model = write_box_model(tmp_path / "bad.onnx", bad)
+    image = synthetic_case("small_uint8_at_target_spacing", tmp_path)
+    proc = run(spleen_infer, model, image, tmp_path / "mask.nii.gz")
+    assert proc.returncode == 2 and f"'{field}'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    with pytest.raises(SpleenError, match=f"field '{field}'"):
+        Recipe.from_model(bad.to_dict(), "bad.onnx")

@@ -200,7 +200,11 @@ int run(const Args& args) {
     Plan plan;
     std::vector<float> image;
     if (!box.empty) {
-        plan = make_plan(vol, box, rc);
+        try {
+            plan = make_plan(vol, box, rc);  // bounds the resampled grid before it is allocated
+        } catch (const InputError& e) {
+            throw InputError(args.input + ": " + e.what());
+        }
         std::vector<float> ras = gather_oriented(vol, plan, threads);
         image = plan.identity ? std::move(ras) : resample(ras.data(), plan.ras_dim, plan.res_to_ras, plan.res_dim, threads);
     }

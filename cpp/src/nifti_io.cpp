@@ -1,5 +1,6 @@
 #include "nifti_io.hpp"
 
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -30,6 +31,147 @@ struct NiftiHeaderHandle {
 namespace {
 
 constexpr int64_t kMaxVoxels = 1000000000;  // same limit as spleen_utils.io
+constexpr int64_t kMaxExtensionBytes = int64_t(1) << 20;  // spleen_utils.io.MAX_EXTENSION_BYTES
+constexpr double kMinSpacingMm = 1e-3, kMaxSpacingMm = 100.0;  // spleen_utils.infer.MIN/MAX_SPACING_MM
+
+// ---- the header guard (spleen_utils.io.check_nifti_stream): the NIfTI-1/-2 header and its
+// extension table checked with bounded reads before nifti_image_read(), which skips or trusts
+// what it cannot parse and prints its own multi-line errors.
+
+struct Znz {
+    znzFile fp;
+    ~Znz() {
+        if (!znz_isnull(fp)) znzclose(fp);
+    }
+};
+
+size_t read_upto(znzFile fp, unsigned char* dst, size_t n) {
+    size_t got = 0;
+    while (got < n) {
+        size_t r = znzread(dst + got, 1, n - got, fp);
+        if (r == 0) break;
+        got += r;
+    }
+    return got;
+}
+
+template <typename T>
+T field_at(const unsigned char* p, bool swap) {
+    unsigned char b[sizeof(T)];
+    std::memcpy(b, p, sizeof(T));
+    if (swap) std::reverse(b, b + sizeof(T));
+    T v;
+    std::memcpy(&v, b, sizeof(T));
+    return v;
+}
+
+bool known_datatype(int code) {
+    switch (code) {
+        case 1: case 2: case 4: case 8: case 16: case 32: case 64: case 128: case 255: case 256: case 512:
+        case 768: case 1024: case 1280: case 1536: case 1792: case 2048: case 2304:
+            return true;
+        default:
+            return false;
+    }
+}
+
+void check_header_bytes(const std::string& path, int64_t file_size, bool gz) {
+    Znz f{znzopen(path.c_str(), "rb", gz ? 1 : 0)};
+    if (znz_isnull(f.fp)) throw InputError(path + ": cannot open the file.");
+    unsigned char h[540];
+    size_t got = read_upto(f.fp, h, 348);
+    int hsize = 0;
+    bool swap = false;
+    if (got >= 4) {
+        for (bool s : {false, true}) {
+            int32_t v = field_at<int32_t>(h, s);
+            if (v == 348 || v == 540) {
+                hsize = v;
+                swap = s;
+                break;
+            }
+        }
+    }
+    if (hsize == 0) throw InputError(path + ": not a NIfTI file (its first bytes are not a NIfTI-1 or NIfTI-2 header).");
+    if (got == 348 && hsize == 540) got += read_upto(f.fp, h + 348, 540 - 348);
+    if (got < static_cast<size_t>(hsize))
+        throw InputError(path + ": the file ends after " + std::to_string(got) + " bytes, inside its NIfTI header; it is truncated.");
+    const bool two = hsize == 540;
+    std::string magic(reinterpret_cast<const char*>(h + (two ? 4 : 344)), 3);
+    bool single = magic == (two ? "n+2" : "n+1");
+    if (!single && magic != (two ? "ni2" : "ni1")) throw InputError(path + ": not a NIfTI file (the header's magic string is wrong).");
+    if (two) {
+        const unsigned char* e = h + 8;
+        bool ok = (e[0] == 13 && e[1] == 10 && e[2] == 26 && e[3] == 10) || (e[0] == 0 && e[1] == 0 && e[2] == 0 && e[3] == 0);
+        if (!ok) throw InputError(path + ": the NIfTI-2 header's end-of-line check bytes are wrong; the file was corrupted in transfer.");
+    }
+    int64_t dim[8];
+    for (int i = 0; i < 8; ++i)
+        dim[i] = two ? field_at<int64_t>(h + 16 + 8 * i, swap) : field_at<int16_t>(h + 40 + 2 * i, swap);
+    if (dim[0] < 1 || dim[0] > 7)
+        throw InputError(path + ": the NIfTI header declares " + std::to_string(dim[0]) + " dimensions; a NIfTI image has 1 to 7.");
+    for (int i = 1; i <= dim[0]; ++i)
+        if (dim[i] < 0) throw InputError(path + ": the NIfTI header declares a negative size (dim " + std::to_string(dim[i]) + ").");
+    int datatype = field_at<int16_t>(h + (two ? 12 : 70), swap);
+    if (!known_datatype(datatype))
+        throw InputError(path + ": the NIfTI header's voxel datatype code " + std::to_string(datatype) + " is not a NIfTI datatype.");
+    double vox = two ? static_cast<double>(field_at<int64_t>(h + 168, swap)) : field_at<float>(h + 108, swap);
+    if (!std::isfinite(vox) || vox < 0)
+        throw InputError(path + ": the NIfTI header's voxel offset is negative or not a number.");
+    if (vox > 9.0e18) throw InputError(path + ": the NIfTI header's voxel offset lies beyond the end of the file; it is truncated or corrupt.");
+    const int64_t vox_offset = static_cast<int64_t>(vox);
+    const int64_t single_offset = two ? 544 : 352;
+    if (single && vox_offset > 0 && vox_offset < single_offset)
+        throw InputError(path + ": the NIfTI header's voxel offset (" + std::to_string(vox_offset) + ") points inside the header itself.");
+    if (file_size >= 0 && vox_offset > file_size)
+        throw InputError(path + ": the NIfTI header's voxel offset (" + std::to_string(vox_offset) + ") lies beyond the end of the " +
+                         std::to_string(file_size) + "-byte file; it is truncated or corrupt.");
+    auto real = [&](int off1, int off2) { return two ? field_at<double>(h + off2, swap) : static_cast<double>(field_at<float>(h + off1, swap)); };
+    for (int i = 1; i <= 3; ++i)
+        if (!std::isfinite(real(76 + 4 * i, 104 + 8 * i))) throw InputError(path + ": the NIfTI header's pixdim holds NaN or infinite numbers.");
+    int qcode = two ? field_at<int32_t>(h + 344, swap) : field_at<int16_t>(h + 252, swap);
+    int scode = two ? field_at<int32_t>(h + 348, swap) : field_at<int16_t>(h + 254, swap);
+    if (qcode > 0)
+        for (int i = 0; i < 6; ++i)
+            if (!std::isfinite(real(256 + 4 * i, 352 + 8 * i))) throw InputError(path + ": the NIfTI header's qform holds NaN or infinite numbers.");
+    if (scode > 0)
+        for (int i = 0; i < 12; ++i)
+            if (!std::isfinite(real(280 + 4 * i, 400 + 8 * i))) throw InputError(path + ": the NIfTI header's sform holds NaN or infinite numbers.");
+
+    unsigned char flag[4];
+    if (read_upto(f.fp, flag, 4) < 4 || flag[0] == 0) return;
+    // extensions until the voxel offset (to the end of the file when the offset is 0), as readers do
+    int64_t pos = hsize + 4, remaining = vox_offset - pos, total = 0;
+    std::vector<unsigned char> skip(1 << 16);
+    while (remaining >= 16 || remaining < 0) {
+        unsigned char eh[8];
+        size_t n = read_upto(f.fp, eh, 8);
+        if (n == 0 && remaining < 0) break;
+        if (n < 8) throw InputError(path + ": the file ends inside a NIfTI header extension; it is truncated or corrupt.");
+        int64_t esize = field_at<int32_t>(eh, swap);
+        if (esize < 16 || esize % 16)
+            throw InputError(path + ": a NIfTI header extension declares " + std::to_string(esize) +
+                             " bytes; extension sizes are positive multiples of 16.");
+        if (remaining >= 0 && esize > remaining)
+            throw InputError(path + ": a NIfTI header extension of " + std::to_string(esize) +
+                             " bytes runs past the start of the voxel data (offset " + std::to_string(vox_offset) + ").");
+        if (file_size >= 0 && pos + esize > file_size)
+            throw InputError(path + ": a NIfTI header extension of " + std::to_string(esize) + " bytes runs past the end of the " +
+                             std::to_string(file_size) + "-byte file.");
+        total += esize;
+        if (total > kMaxExtensionBytes)
+            throw InputError(path + ": the NIfTI header extensions take more than " + std::to_string(kMaxExtensionBytes >> 20) +
+                             " MiB; this program accepts at most that much metadata.");
+        for (int64_t left = esize - 8; left > 0;) {
+            size_t want = static_cast<size_t>(std::min<int64_t>(left, static_cast<int64_t>(skip.size())));
+            size_t r = read_upto(f.fp, skip.data(), want);
+            if (r < want) throw InputError(path + ": the file ends inside a NIfTI header extension; it is truncated or corrupt.");
+            left -= static_cast<int64_t>(r);
+        }
+        pos += esize;
+        if (remaining >= 0) remaining -= esize;
+    }
+}
 
 struct NimGuard {
     nifti_image* nim;
@@ -108,6 +250,8 @@ Volume read_volume(const std::string& path) {
     if (S_ISDIR(st.st_mode)) throw InputError(path + ": is a folder, not a NIfTI file.");
     if (!is_nifti_name(path)) throw InputError(path + ": not a NIfTI file name (expected .nii or .nii.gz).");
 
+    check_header_bytes(path, nifti_is_gzfile(path.c_str()) ? -1 : static_cast<int64_t>(st.st_size),
+                       nifti_is_gzfile(path.c_str()) != 0);
     nifti_set_debug_level(0);  // our own one-line messages replace nifti_clib's
     NimGuard g{nifti_image_read(path.c_str(), 0)};
     nifti_image* nim = g.nim;
@@ -189,6 +333,21 @@ Volume read_volume(const std::string& path) {
     v.affine.a[3][0] = v.affine.a[3][1] = v.affine.a[3][2] = 0.0;
     v.affine.a[3][3] = 1.0;
     if (!v.affine.finite()) throw InputError(path + ": the image's " + v.affine_source + " affine is not finite.");
+    // plausible voxel sizes (spleen_utils.infer.check_spacing): beyond them the header is wrong
+    {
+        std::array<double, 3> sp{};
+        char text[128];
+        for (int j = 0; j < 3; ++j)
+            sp[j] = std::sqrt(v.affine.a[0][j] * v.affine.a[0][j] + v.affine.a[1][j] * v.affine.a[1][j] +
+                              v.affine.a[2][j] * v.affine.a[2][j]);
+        std::snprintf(text, sizeof text, "%.4gx%.4gx%.4g", sp[0], sp[1], sp[2]);
+        for (double s : sp)
+            if (!(s >= kMinSpacingMm && s <= kMaxSpacingMm))
+                throw InputError(path + ": a voxel size of " + text + " mm is outside the 0.001 to 100 mm this program accepts; "
+                                 "the header's geometry is wrong.");
+        if (!(std::fabs(Mat3::from(v.affine).det()) >= 1e-9 * sp[0] * sp[1] * sp[2]))
+            throw InputError(path + ": the affine is degenerate (its voxel axes are not independent).");
+    }
 
     // keep the header (not the voxels) for writing the mask
     free(nim->data);
@@ -235,7 +394,10 @@ void write_mask(const std::string& path, const Volume& ref, const std::vector<ui
                           ? NIFTI_FTYPE_NIFTI2_1
                           : NIFTI_FTYPE_NIFTI1_1;
 
-    // write beside the target, then rename: an interrupted run never leaves a half file
+    // write beside the target, then rename: an interrupted run never leaves a half file. The
+    // temporary file lies in a fresh private folder (mkdtemp: a random name, mode 0700, created
+    // O_EXCL), so no one can plant a symlink where nifti_clib opens it; it is fsync'ed before the
+    // rename and the folder after it.
     std::string dir = ".", base = path;
     size_t slash = path.find_last_of('/');
     if (slash != std::string::npos) {
@@ -245,8 +407,22 @@ void write_mask(const std::string& path, const Volume& ref, const std::vector<ui
     struct stat st {};
     if (stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
         throw InputError(path + ": the output folder " + dir + " does not exist.");
-    std::string tmp = (dir == "/" ? std::string("") : dir) + "/." + base + ".tmp" + std::to_string(getpid()) +
-                      (ends_with(path, ".gz") ? ".nii.gz" : ".nii");
+    std::string tmpl = (dir == "/" ? std::string("") : dir) + "/." + base + ".XXXXXX";
+    std::vector<char> buf(tmpl.begin(), tmpl.end());
+    buf.push_back('\0');
+    if (mkdtemp(buf.data()) == nullptr) {
+        int err = errno;
+        throw InputError(path + ": cannot create a temporary folder beside the mask (" + std::strerror(err) + ").");
+    }
+    struct TempDir {
+        std::string dir, file;
+        ~TempDir() {
+            if (!file.empty()) unlink(file.c_str());
+            rmdir(dir.c_str());
+        }
+    } td{buf.data(), ""};
+    td.file = td.dir + (ends_with(path, ".gz") ? "/mask.nii.gz" : "/mask.nii");
+    const std::string& tmp = td.file;
 
     if (nifti_set_filenames(out, tmp.c_str(), 0, 1) != 0) throw std::runtime_error("cannot set the output file name");
     out->data = const_cast<uint8_t*>(mask.data());
@@ -255,14 +431,24 @@ void write_mask(const std::string& path, const Volume& ref, const std::vector<ui
     int rc = znz_isnull(fp) ? -1 : znzclose(fp);
     if (rc != 0) {
         int err = errno;
-        unlink(tmp.c_str());
-        throw InputError(path + ": cannot write the mask (" + std::string(err ? std::strerror(err) : "write error") +
-                         ").");
+        throw InputError(path + ": cannot write the mask (" + std::string(err ? std::strerror(err) : "write error") + ").");
     }
+    int fd = open(tmp.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0 || fsync(fd) != 0) {
+        int err = errno;
+        if (fd >= 0) close(fd);
+        throw InputError(path + ": cannot flush the mask to disk (" + std::strerror(err) + ").");
+    }
+    close(fd);
     if (std::rename(tmp.c_str(), path.c_str()) != 0) {
         int err = errno;
-        unlink(tmp.c_str());
         throw InputError(path + ": cannot move the mask into place (" + std::strerror(err) + ").");
+    }
+    td.file.clear();  // moved: nothing to remove but the folder
+    int dfd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd >= 0) {
+        fsync(dfd);  // the rename is durable once the folder is (best effort: not every file system allows it)
+        close(dfd);
     }
 }
 

@@ -203,10 +203,28 @@ Plan make_plan(const Volume& v, const Box& box, const Recipe& rc) {
             corners[i][c] = w[i];
         }
     }
+    // the resampled grid, bounded before anything is allocated (spleen_utils.infer.check_resampled_size):
+    // each axis checked as a double before it becomes an integer, the product overflow-checked
+    std::array<double, 3> extent{};
     for (int i = 0; i < 3; ++i) {
         double lo = *std::min_element(out_c[i], out_c[i] + 8), hi = *std::max_element(out_c[i], out_c[i] + 8);
-        p.res_dim[i] = static_cast<int64_t>(round_half_even(hi - lo + 1.0));
-        if (p.res_dim[i] < 1) p.res_dim[i] = 1;
+        extent[i] = round_half_even(hi - lo + 1.0);
+    }
+    auto too_large = [&]() {
+        char buf[320];
+        std::snprintf(buf, sizeof buf,
+                      "at the model's %gx%gx%g mm voxels the image would become %.6gx%.6gx%.6g voxels, more than the "
+                      "%lld this program accepts (check the header's voxel size).",
+                      rc.pixdim[0], rc.pixdim[1], rc.pixdim[2], extent[0], extent[1], extent[2],
+                      static_cast<long long>(kMaxResampledVoxels));
+        return InputError(buf);
+    };
+    int64_t total = 1;
+    for (int i = 0; i < 3; ++i) {
+        if (!std::isfinite(extent[i])) throw InputError("the image's grid on the model's spacing is not a finite size.");
+        if (extent[i] > static_cast<double>(kMaxResampledVoxels)) throw too_large();
+        p.res_dim[i] = extent[i] < 1.0 ? 1 : static_cast<int64_t>(extent[i]);
+        if (__builtin_mul_overflow(total, p.res_dim[i], &total) || total > kMaxResampledVoxels) throw too_large();
     }
     bool found = false;
     Vec3 offset{};

@@ -18,6 +18,9 @@ namespace spleen {
 
 using Dims = std::array<int64_t, 3>;
 
+// the most voxels a volume may have on the recipe's grid (spleen_utils.infer.MAX_RESAMPLED_VOXELS)
+constexpr int64_t kMaxResampledVoxels = int64_t(1) << 28;
+
 inline int64_t numel(const Dims& d) { return d[0] * d[1] * d[2]; }
 
 // ScaleIntensityRange(a_min, a_max -> 0, 1, clip=True), in place

@@ -51,8 +51,9 @@ Recipe parse_recipe(const std::string& text) {
     if (!j.is_object()) throw InputError("the model's 'recipe' metadata is not a JSON object.");
     Recipe r;
     r.pixdim = numbers<3>(j, "pixdim");
-    for (double d : r.pixdim)
-        if (!(d > 0)) throw InputError("the model's recipe field 'pixdim' must be positive.");
+    for (double d : r.pixdim)  // spleen_utils.config.MIN_PIXDIM_MM / MAX_PIXDIM_MM
+        if (!(d >= 0.05 && d <= 50.0))
+            throw InputError("the model's recipe field 'pixdim' must be 3 voxel sizes from 0.05 to 50 mm.");
 
     const json& o = field(j, "orientation");
     if (!o.is_string()) throw InputError("the model's recipe field 'orientation' must be a string such as \"RAS\".");
@@ -65,9 +66,14 @@ Recipe parse_recipe(const std::string& text) {
     const json& roi = field(j, "sw_roi");
     if (!roi.is_array() || roi.size() != 3)
         throw InputError("the model's recipe field 'sw_roi' must be a list of 3 positive integers.");
-    for (int i = 0; i < 3; ++i) r.sw_roi[i] = positive_int(roi[i], "sw_roi");
+    for (int i = 0; i < 3; ++i) {
+        r.sw_roi[i] = positive_int(roi[i], "sw_roi");
+        if (r.sw_roi[i] > 1024)  // spleen_utils.config.MAX_ROI
+            throw InputError("the model's recipe field 'sw_roi' must be whole numbers from 1 to 1024.");
+    }
 
     r.sw_batch_size = positive_int(field(j, "sw_batch_size"), "sw_batch_size");
+    if (r.sw_batch_size > 1024) throw InputError("the model's recipe field 'sw_batch_size' must be a whole number from 1 to 1024.");
 
     const json& ov = field(j, "overlap");
     if (!ov.is_number() || !(ov.get<double>() >= 0.0 && ov.get<double>() < 1.0))
@@ -75,8 +81,8 @@ Recipe parse_recipe(const std::string& text) {
     r.overlap = ov.get<double>();
 
     const json& labels = field(j, "labels");
-    if (!labels.is_array() || labels.size() < 2)
-        throw InputError("the model's recipe field 'labels' must list at least two label names.");
+    if (!labels.is_array() || labels.size() < 2 || labels.size() > 256)
+        throw InputError("the model's recipe field 'labels' must list 2 to 256 label names.");
     for (const auto& l : labels) {
         if (!l.is_string()) throw InputError("the model's recipe field 'labels' must hold strings.");
         r.labels.push_back(l.get<std::string>());
@@ -87,8 +93,9 @@ Recipe parse_recipe(const std::string& text) {
     auto st = j.find("strides");
     if (st != j.end() && st->is_array()) {
         for (const auto& s : *st) {
-            if (!s.is_number_integer() || s.get<int64_t>() < 1)
-                throw InputError("the model's recipe field 'strides' must hold positive integers.");
+            if (!s.is_number_integer() || s.get<int64_t>() < 1 || s.get<int64_t>() > 8)
+                throw InputError("the model's recipe field 'strides' must hold whole numbers from 1 to 8.");
+            if (r.divisor > 1024) throw InputError("the model's recipe field 'strides' multiplies to more than 1024.");
             r.divisor *= s.get<int64_t>();
         }
     }
