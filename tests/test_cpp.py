@@ -411,19 +411,22 @@ def spleen_infer_sanitized() -> Path:
 
 
 def run_measured(cmd: list[str], env: dict) -> tuple[int, str, str, float, float]:
-    """(exit status, stdout, stderr, seconds, peak RSS in MiB) of one child process (wait4's rusage)."""
+    """(exit status, stdout, stderr, seconds, peak RSS in MiB or NaN) of one run of ``cmd``; the RSS
+    comes from GNU time when installed (a child's own rusage would count the forked Python too)."""
+    import shutil
     import tempfile
     import time
 
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryDirectory() as d:
+        rss_file = Path(d) / "rss"
+        timer = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file)] if shutil.which("time") == "/usr/bin/time" else []
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
-        _, status, usage = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
+        proc = subprocess.run(timer + cmd, check=False, capture_output=True, text=True, timeout=900, env=env)
         seconds = time.perf_counter() - t0
-        out.seek(0)
-        err.seek(0)
-        return p.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"), seconds, usage.ru_maxrss / 1024
+        rss = float("nan")
+        if timer and rss_file.exists() and rss_file.read_text().split():
+            rss = int(rss_file.read_text().split()[-1]) / 1024
+        return proc.returncode, proc.stdout, proc.stderr, seconds, rss
 
 
 @pytest.mark.parametrize("pixdim", [(3.0, 3.0, 4.0), (1.5, 1.5, 2.0)], ids=["quick", "full"])
