@@ -38,10 +38,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-import torch
-
 from .errors import SpleenError
+
+# numpy and torch are imported where they are used: `spleen-seg --help` imports this module
 
 RECORD_FORMAT = "spleen_utils.gpu_check/1"
 #: the per-patch goal of issue 11 (the MONAI bundle's TensorRT fp16 on an A100: 1.96 ms)
@@ -66,6 +65,7 @@ def _driver_version() -> str | None:
 def provenance(device: torch.device, smoke: bool) -> dict[str, Any]:
     """Where and when: device, driver, CUDA, cuDNN, torch, MONAI, Python, date (UTC)."""
     import monai
+    import torch
 
     from . import __version__
 
@@ -125,6 +125,8 @@ def write_msd_like(root: Path, n_cases: int, shape=MSD_SHAPE, spacing=MSD_SPACIN
     left, in HU with noise: enough for the pipeline's every stage to do its real amount of work.
     Their labels are the spleen. These measure speed and memory, not accuracy.
     """
+    import numpy as np
+
     from .io import save_nifti
 
     rng = np.random.default_rng(seed)
@@ -158,6 +160,8 @@ SMOKE_RECIPE = dict(pixdim=(4.0, 4.0, 4.0), patch_size=(32, 32, 32), sw_roi=(64,
 # ---------------------------------------------------------------------------------- 1. training
 def check_training(work: Path, device: torch.device, smoke: bool, say: Callable[[str], None]) -> dict[str, Any]:
     """Full profile, 2 epochs with AMP, then ``--resume`` for a third: seconds per epoch, peak memory."""
+    import torch
+
     from .config import get_config
     from .train import train
 
@@ -215,6 +219,8 @@ def _rows(out: Path) -> list[dict]:
 
 
 def _peak_gpu(device: torch.device) -> float | None:
+    import torch
+
     if device.type != "cuda":
         return None
     return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
@@ -236,6 +242,8 @@ def _variants(device: torch.device, smoke: bool) -> list[tuple[str, str | None]]
 
 def _runner(name: str, net: torch.nn.Module, x: torch.Tensor, device: torch.device) -> tuple[Callable[[], Any], float]:
     """A no-argument call of one variant and the seconds its set-up took (compile, capture)."""
+    import torch
+
     cuda = device.type == "cuda"
     half = torch.float16 if cuda else torch.bfloat16
     t0 = time.perf_counter()
@@ -284,6 +292,8 @@ def _runner(name: str, net: torch.nn.Module, x: torch.Tensor, device: torch.devi
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -295,7 +305,10 @@ def _time(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device
 
 
 def check_patches(device: torch.device, smoke: bool, say: Callable[[str], None]) -> dict[str, Any]:
-    """Latency of the recipe's network on one 96^3 patch (toy net, 32^3 in a smoke run)."""
+    """Latency of the recipe's network on one 96^3 patch (toy net, 16^3 in a smoke run)."""
+    import numpy as np
+    import torch
+
     from .config import Recipe
     from .model import build_network
 
@@ -391,6 +404,8 @@ def run_gpu_check(device: str = "cuda", smoke: bool = False, records: str | Path
                   model: str | Path | None = None, parts: tuple[str, ...] = PARTS,
                   say: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict[str, Any]:
     """Run the check; returns ``{"records": [paths], "results": {part: record}, "failed": [parts]}``."""
+    import torch
+
     from .model import resolve_device
 
     dev = resolve_device(device)
