@@ -45,32 +45,16 @@ def library_versions() -> dict[str, str]:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, ``fsync``, then rename: never a half file.
+    """``torch.save`` to a temporary file beside ``path``, then rename: never a half file.
 
-    The data reach the disk before the rename and the rename reaches it before this returns, so a
-    power cut leaves either the old file or the new one, whole.
+    :func:`spleen_utils.io.atomic_path` ``fsync`` s the file before the rename and the folder after
+    it, so a power cut leaves either the old file or the new one, whole.
     """
-    import os
-
     from .io import atomic_path
 
-    path = Path(path)
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    try:  # the rename itself is durable once the folder is synced (not possible on every platform)
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return path
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    return path
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def make_checkpoint(model: torch.nn.Module, recipe: Recipe, **extra: Any) -> dict[str, Any]:
