@@ -210,6 +210,9 @@ def check_nifti_file(path: str | Path, name: str | None = None, gz: bool | None 
     gz = str(path).endswith(".gz") if gz is None else gz
     try:
         if gz:
+            with open(path, "rb") as raw:
+                if raw.read(2) != b"\x1f\x8b":
+                    raise NiftiHeaderError(f"{name}: not a NIfTI file (its name ends .gz, but it is not gzip-compressed).", "not_nifti")
             with gzip.open(path, "rb") as f:
                 return check_nifti_stream(f, name)
         with open(path, "rb") as f:

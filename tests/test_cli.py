@@ -169,3 +169,16 @@ def test_help_has_examples_and_says_what_options_do():
     text = " ".join(out.split())
     for option, words in (("--profile {quick,full}", "quick (default)"), ("--epochs EPOCHS", "epochs to train"), ("--seed SEED", "random seed")):
         assert f"{option} {words}" in text, option  # the help text follows the option
+
+
+def test_predict_hostile_headers_exit_2_with_one_line(tmp_path, random_model):
+    """Issue #9: a bad extension size, a bad datatype code and a resampling bomb are one sentence and
+    exit 2, not a traceback (nibabel's HeaderDataError) nor hours of resampling."""
+    from hostile_corpus import hostile_corpus
+
+    cases = {c.name: c for c in hostile_corpus(tmp_path / "corpus")}
+    for name, words in [("ext_size_7", "extension"), ("bad_datatype", "datatype"), ("spacing_400mm_16cube", "voxel size")]:
+        r = run("predict", "--model", str(random_model), "--input", str(cases[name].path), "--output", str(tmp_path / "o.nii.gz"))
+        _assert_clean_error(r, words)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "o.nii.gz").exists()

@@ -171,8 +171,11 @@ def test_atomic_writes_fsync_before_the_rename(tmp_path, monkeypatch):
     events = []
     real_fsync, real_replace = os.fsync, os.replace
 
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("no /proc/self/fd here to name the file an fsync flushes")
+
     def fsync(fd):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else fd))
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
         return real_fsync(fd)
 
     def replace(src, dst):
