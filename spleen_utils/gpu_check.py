@@ -479,3 +479,39 @@ def register(sub) -> None:
     g.add_argument("--model", help="checkpoint for the end-to-end part (default: the one the train part just made)")
     g.add_argument("--parts", help=f"comma-separated subset of {','.join(PARTS)} (default: all)")
     g.set_defaults(func=cmd_gpu_check)
+
+
+# ---------------------------------------------------------------------------------- the book
+def book_records(folder: str | Path | None = None) -> list[dict[str, Any]]:
+    """The GPU records committed under ``book/records/`` (newest first); smoke or CPU records are never there."""
+    from .config import PROJECT_ROOT
+
+    folder = Path(folder or PROJECT_ROOT / "book" / "records")
+    out = []
+    for p in sorted(folder.glob("gpu-check_*.json")):
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if rec.get("format") == RECORD_FORMAT and not rec.get("provenance", {}).get("smoke"):
+            rec["file"] = p.name
+            out.append(rec)
+    return sorted(out, key=lambda r: r["provenance"].get("date", ""), reverse=True)
+
+
+def patch_markdown(records: list[dict[str, Any]]) -> str:
+    """Per-patch latency rows of the newest GPU ``patches`` record, labelled with device and date (Markdown)."""
+    rec = next((r for r in records if r.get("part") == "patches"), None)
+    if rec is None:
+        return ""
+    prov = rec["provenance"]
+    lines = [f"Measured by `spleen-seg gpu-check` on {prov.get('device_name')} (driver {prov.get('driver')}, CUDA "
+             f"{prov.get('cuda')}, torch {prov.get('torch')}), {prov.get('date')}; {rec.get('what', '')}. "
+             f"Goal: {rec.get('goal_ms_per_patch')} ms per patch; {rec.get('reference', '')}.", "",
+             "| variant | batch | ms per patch | meets goal |", "|---|---|---|---|"]
+    for r in rec.get("rows", []):
+        if r.get("status") == "ok":
+            lines.append(f"| {r['variant']} | {r['batch']} | {r['ms_per_patch']:.3f} | {'yes' if r.get('meets_goal') else 'no'} |")
+        else:
+            lines.append(f"| {r['variant']} | {r['batch']} | {r.get('status')}: {r.get('reason') or r.get('error', '')} | |")
+    return "\n".join(lines)

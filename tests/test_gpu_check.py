@@ -67,3 +67,21 @@ def test_the_gpu_machine_script_and_make_targets_exist():
     make = (ROOT / "Makefile").read_text()
     assert "gpu-wheels:" in make and "gpu-check:" in make and "monai==1.6.1" in make and "nibabel==5.4.2" in make
     assert "/gpu_wheels/" in (ROOT / ".gitignore").read_text()
+
+
+def test_book_shows_only_real_gpu_records(tmp_path):
+    from spleen_utils import gpu_check
+
+    prov = {"device_name": "NVIDIA H200", "driver": "570.1", "cuda": "12.8", "torch": "2.13.0", "date": "2026-11-28T12:00:00+00:00", "smoke": False}
+    rows = [{"variant": "fp16", "batch": 4, "status": "ok", "ms_per_patch": 0.8, "meets_goal": True},
+            {"variant": "compile", "batch": 1, "status": "failed", "error": "RuntimeError: x"}]
+    real = {"format": gpu_check.RECORD_FORMAT, "part": "patches", "provenance": prov, "rows": rows, "goal_ms_per_patch": 1.0}
+    smoke = {**real, "provenance": {**prov, "smoke": True}}
+    (tmp_path / "gpu-check_h200_1_patches.json").write_text(__import__("json").dumps(real))
+    (tmp_path / "gpu-check_cpu_2_patches.json").write_text(__import__("json").dumps(smoke))
+    (tmp_path / "gpu-check_broken.json").write_text("{not json")
+    recs = gpu_check.book_records(tmp_path)
+    assert [r["file"] for r in recs] == ["gpu-check_h200_1_patches.json"]
+    md = gpu_check.patch_markdown(recs)
+    assert "NVIDIA H200" in md and "2026-11-28" in md and "| fp16 | 4 | 0.800 | yes |" in md and "failed: RuntimeError" in md
+    assert gpu_check.patch_markdown([]) == ""
