@@ -48,10 +48,10 @@ def extension(esize: int, content_len: int | None = None, ecode: int = 6) -> byt
 
 
 def nifti1_bytes(data: np.ndarray, zooms=(1.0, 1.0, 1.0), *, ext: bytes = b"", flag: bytes | None = None,
-                 vox_offset: float | None = None, tail: bytes = b"", **fields) -> bytes:
-    """A single-file NIfTI-1 written by hand: header (fields patched after nibabel fills them),
-    extension flag, extensions, voxels, then ``tail``."""
-    hdr = nib.Nifti1Header()
+                 vox_offset: float | None = None, tail: bytes = b"", nifti2: bool = False, **fields) -> bytes:
+    """A single-file NIfTI-1 (or NIfTI-2) written by hand: header (fields patched after nibabel
+    fills them), extension flag, extensions, voxels, then ``tail``."""
+    hdr = nib.Nifti2Header() if nifti2 else nib.Nifti1Header()
     hdr.set_data_dtype(data.dtype)
     hdr.set_data_shape(data.shape)
     hdr.set_zooms(tuple(float(z) for z in zooms))
@@ -63,8 +63,8 @@ def nifti1_bytes(data: np.ndarray, zooms=(1.0, 1.0, 1.0), *, ext: bytes = b"", f
     except nib.spatialimages.HeaderDataError:  # a zero voxel size has no quaternion: sform only
         hdr.set_qform(None, code=0)
     block = np.frombuffer(hdr.binaryblock, dtype=hdr.structarr.dtype).copy()
-    block["magic"] = b"n+1"
-    block["vox_offset"] = 352 + len(ext) if vox_offset is None else vox_offset
+    block["magic"] = b"n+2" if nifti2 else b"n+1"
+    block["vox_offset"] = (544 if nifti2 else 352) + len(ext) if vox_offset is None else vox_offset
     for k, v in fields.items():
         block[k] = v
     if flag is None:
@@ -100,6 +100,8 @@ def hostile_corpus(folder: Path, geometry: bool = True) -> list[Case]:
     add("ext_over_cap", nifti1_bytes(d, ext=extension(big)), "header", r"MiB")
     add("ext_flag_offset_0", nifti1_bytes(d, ext=extension(16, 8), vox_offset=0, tail=bloat), "header", ext_words)
     add("ext_truncated", nifti1_bytes(d, ext=extension(1024, 8), vox_offset=352 + 1024)[: 352 + 16], "header", r"ends inside|truncated|corrupt")
+    add("nifti2_ext_size_7", nifti1_bytes(d, ext=extension(7, 8), tail=bloat, vox_offset=560, nifti2=True), "header", ext_words)
+    add("nifti2_bad_datatype", nifti1_bytes(d, datatype=17, nifti2=True), "header", r"datatype")
     # header fields
     add("bad_datatype", nifti1_bytes(d, datatype=17, bitpix=16), "header", r"datatype")
     add("negative_vox_offset", nifti1_bytes(d, vox_offset=-352), "header", r"voxel offset")

@@ -99,7 +99,7 @@ def corpus(tmp_path_factory):
     "ext_size_7", "ext_size_negative", "ext_size_24", "ext_size_beyond_file", "ext_size_beyond_vox_offset",
     "ext_over_cap", "ext_flag_offset_0", "ext_truncated", "bad_datatype", "negative_vox_offset", "nan_vox_offset",
     "vox_offset_inside_header", "vox_offset_beyond_file", "negative_dim", "dim0_9", "nan_sform", "bad_magic",
-    "truncated_header", "truncated_voxels", "truncated_gzip",
+    "truncated_header", "truncated_voxels", "truncated_gzip", "nifti2_ext_size_7", "nifti2_bad_datatype",
 ])
 def test_hostile_header_is_refused_with_one_sentence_in_bounded_memory(corpus, name):
     case = corpus[name]
