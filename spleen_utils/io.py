@@ -290,10 +290,27 @@ def temp_beside(path: Path, suffix: str = ".tmp") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, 0o666 & ~_UMASK)
     return Path(tmp)
+
+
+def _process_umask() -> int:
+    """The process's umask, read without changing it (``/proc/self/status`` on Linux); elsewhere
+    the classic set-and-restore, done once at import, before any service thread exists."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: read once: flipping the umask while other threads create files would give them wrong modes
+_UMASK = _process_umask()
 
 
 def fsync_path(path: str | Path, directory: bool = False) -> None:

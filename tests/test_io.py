@@ -191,3 +191,17 @@ def test_atomic_writes_fsync_before_the_rename(tmp_path, monkeypatch):
     tmp = events[kinds.index("replace")][1]
     assert any(k == "fsync" and str(v) == tmp for k, v in events[: kinds.index("replace")]), events
     assert nib.load(str(out)).shape == (6, 7, 8)
+
+
+def test_temp_files_get_the_umask_without_touching_it(tmp_path, monkeypatch):
+    """The service writes from worker threads: the umask is read once, never flipped (#9)."""
+    import os
+
+    from spleen_utils import io as sio
+
+    calls = []
+    monkeypatch.setattr(os, "umask", lambda *a: calls.append(a) or 0o022)
+    tmp = sio.temp_beside(tmp_path / "mask.nii.gz")
+    assert calls == []
+    assert tmp.stat().st_mode & 0o777 == 0o666 & ~sio._UMASK
+    assert sio._process_umask() == sio._UMASK  # /proc/self/status agrees with what was read at import
