@@ -742,6 +742,12 @@ def clean_notebook(nb) -> Any:
     return nb
 
 
+def _cell_sources(nb) -> list[tuple[str, str]]:
+    """What a notebook says (cell types and sources, papermill's injected cell left out): an
+    executed copy is current when it says the same as the notebook, whatever the files' times."""
+    return [(c.cell_type, c.source) for c in clean_notebook(nb).cells]
+
+
 def refresh_notebooks(profile: str = "quick", executed: Path | None = None, log=print) -> list[Path]:
     """Copy the executed notebooks of a default-parameter run back into ``notebooks/`` (cleaned)."""
     import nbformat
@@ -764,7 +770,7 @@ def refresh_notebooks(profile: str = "quick", executed: Path | None = None, log=
                 f"{p.name} last ran with non-default parameters {extra}; nbval re-runs the defaults, "
                 "so re-run `make reproduce` without -p overrides before refreshing."
             )
-        if src.stat().st_mtime < p.stat().st_mtime:
+        if _cell_sources(nbformat.read(str(src), as_version=4)) != _cell_sources(nbformat.read(str(p), as_version=4)):
             raise SpleenError(f"{p.name} changed after its executed copy was made; run `make reproduce` first.")
     for p in notebook_paths():
         nb = nbformat.read(str(executed / p.name), as_version=4)

@@ -263,9 +263,20 @@ def test_refresh_copies_only_a_default_parameter_run(tmp_path, monkeypatch):
         reproduce.refresh_notebooks("quick", executed, log=lambda s: None)
     del record["notebooks"][names[1]]["parameters"]["epochs"]
     (executed / "reproduce.json").write_text(json.dumps(record))
-    for name in names:  # the executed copies must be newer than the notebooks
+    # a notebook edited after it was executed is refused, whatever the files' times
+    original = (nbdir / names[0]).read_bytes()
+    edited = nbformat.read(str(nbdir / names[0]), as_version=4)
+    edited.cells[0].source += "\nedited after the run"
+    nbformat.write(edited, str(nbdir / names[0]))
+    for name in names:
         os.utime(executed / name, (time.time() + 5, time.time() + 5))
+    with pytest.raises(SpleenError, match=f"{names[0]} changed after its executed copy"):
+        reproduce.refresh_notebooks("quick", executed, log=lambda s: None)
+    (nbdir / names[0]).write_bytes(original)
+    for name in names:  # older executed copies of unchanged notebooks are current (a refresh rewrites the notebooks)
+        os.utime(executed / name, (time.time() - 60, time.time() - 60))
     written = reproduce.refresh_notebooks("quick", executed, log=lambda s: None)
+    assert reproduce.refresh_notebooks("quick", executed, log=lambda s: None)  # and again, right after
     assert [p.name for p in written] == names
     nb = nbformat.read(str(nbdir / names[0]), as_version=4)
     assert "papermill" not in nb.metadata and nb.metadata["kernelspec"]["name"] == "spleen-seg"
