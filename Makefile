@@ -24,7 +24,7 @@ reproduce: env
 ## their stored outputs (nbval, in the notebooks' own folder; notebook 02 trains the quick profile)
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=7200 -p no:cacheprovider
 test: env
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 	$(BIN)/python -m pytest -q $(NBVAL) notebooks
 
 test-fast: env

@@ -391,9 +391,16 @@ def bench_patches(
     flops = count_flops(model, (1, 1, *patch))
     del model
     runners, missing = _patch_runners(Path(model_path), Path(onnx_path) if onnx_path else None, Path(engine_path) if engine_path else None, dev)
+    from .model import cpu_supports_bf16
+
+    # the half-precision reference only where the hardware runs it natively: on a CPU without
+    # AVX512-BF16/AMX a 2048^2 bf16 product is emulated and took 32 s per call here (4 minutes of
+    # the benchmark) for a figure that says nothing about this model
+    half = "fp16" if dev.type == "cuda" else "bf16"
+    native_half = dev.type == "cuda" or cpu_supports_bf16()
     reference = {
         "fp32": matmul_gflops(dev, torch.float32),
-        ("fp16" if dev.type == "cuda" else "bf16"): matmul_gflops(dev, torch.float16 if dev.type == "cuda" else torch.bfloat16),
+        half: matmul_gflops(dev, torch.float16 if dev.type == "cuda" else torch.bfloat16) if native_half else None,
     }
     rows = []
     g = torch.Generator().manual_seed(0)

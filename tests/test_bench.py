@@ -164,3 +164,22 @@ def test_agreement_filters_a_copy():
     before = mask.copy()
     kept = _lcc(mask)
     assert np.array_equal(mask, before) and kept.sum() == 8**3
+
+
+def test_half_precision_reference_only_where_it_is_native(tmp_path, monkeypatch):
+    """An emulated bf16 matrix product took minutes on a CPU without AVX512-BF16 and measured nothing useful."""
+    from spleen_utils import bench
+    from spleen_utils.config import Recipe
+    from spleen_utils.model import build_network, save_checkpoint
+
+    recipe = Recipe(channels=(4, 8, 16, 32, 64))
+    model = save_checkpoint(build_network(recipe), recipe, tmp_path / "m.pt")
+    dtypes = []
+    monkeypatch.setattr(bench, "matmul_gflops", lambda dev, dtype, **k: dtypes.append(dtype) or 1.0)
+    monkeypatch.setattr("spleen_utils.model.cpu_supports_bf16", lambda: False)
+    rec = bench.bench_patches(model, None, None, "cpu", [1], 1, patch=(16, 16, 16))
+    assert dtypes == [torch.float32] and rec["matmul_gflops"]["bf16"] is None
+    dtypes.clear()
+    monkeypatch.setattr("spleen_utils.model.cpu_supports_bf16", lambda: True)
+    rec = bench.bench_patches(model, None, None, "cpu", [1], 1, patch=(16, 16, 16))
+    assert dtypes == [torch.float32, torch.bfloat16] and rec["matmul_gflops"]["bf16"] == 1.0
