@@ -812,6 +812,7 @@ def reproduce(profile: str = "quick", overrides: dict[str, Any] | None = None, o
         record["book_seconds"] = round(time.perf_counter() - tb, 1)
     if not book_only:
         record["total_seconds"] = round(time.perf_counter() - t0, 1)
+    record["skipped"] = skipped = skipped_steps(executed)
     (executed / "reproduce.json").write_text(json.dumps(record, indent=2) + "\n")
     if refresh:
         refresh_notebooks(profile, executed, log=log)
@@ -826,9 +827,6 @@ def reproduce(profile: str = "quick", overrides: dict[str, Any] | None = None, o
             f"(notebooks {record['seconds'] / 60:.1f} min" + (f", book {record['book_seconds']:.0f} s)" if book else ")"))
     log("headline results (from the run records):")
     print_results(profile)
-    skipped = skipped_steps(executed)
-    record["skipped"] = skipped
-    (executed / "reproduce.json").write_text(json.dumps(record, indent=2) + "\n")
     log("")
     if skipped:
         log("skipped or not run on this machine (each notebook says why):")
