@@ -5,30 +5,110 @@ A backend is a callable ``backend(x) -> logits``: ``x`` is a float32 ``torch.Ten
 ``(N, C, X, Y, Z)`` on the same device as ``x``. It also carries ``name``, ``device``,
 ``precision``, ``recipe`` (the :class:`~spleen_utils.config.Recipe` read from the artifact) and
 ``meta`` (the artifact's own description).
+
+The ONNX Runtime backend also takes and returns numpy arrays (``array_api = "numpy"``): with an
+ONNX file, ``spleen-seg predict`` runs without importing PyTorch or MONAI (their import is most
+of a single prediction's start-up). This module therefore imports torch only inside the torch
+and TensorRT backends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 from pathlib import Path
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
 from .config import Recipe
 from .errors import SpleenError
-from .model import cpu_supports_bf16, load_model, resolve_device
+
+if TYPE_CHECKING:  # annotations only: importing this module must not import torch
+    import torch
+
+#: the ONNX file's contract, read without importing the exporter (which imports torch);
+#: :mod:`spleen_utils.export` writes the same names (a test holds the two equal)
+ONNX_FORMAT = "spleen_utils.onnx/1"
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+ONNX_JSON_KEYS = ("recipe", "network", "labels", "versions", "source_checkpoint")
+ONNX_REQUIRED_KEYS = ("spleen_utils.format", "recipe", "network", "labels", "source_checkpoint_sha256", "versions", "opset", "exporter")
+
+
+def parse_onnx_metadata(props: Mapping[str, str], source: str | Path = "model") -> dict[str, Any]:
+    """The string metadata of a spleen_utils ONNX model, decoded and validated (as
+    :func:`spleen_utils.export.parse_metadata`, without importing torch)."""
+    fmt = props.get("spleen_utils.format")
+    if fmt is None:
+        raise SpleenError(
+            f"{source}: an ONNX model without spleen_utils metadata; export it with spleen_utils.export.export_onnx "
+            "so that it carries its recipe."
+        )
+    if fmt != ONNX_FORMAT:
+        raise SpleenError(f"{source}: spleen_utils ONNX format {fmt!r} is not the one this version reads ({ONNX_FORMAT}).")
+    missing = [k for k in ONNX_REQUIRED_KEYS if k not in props]
+    if missing:
+        raise SpleenError(f"{source}: the spleen_utils metadata lacks {', '.join(missing)}; export the model again.")
+    out: dict[str, Any] = {"format": fmt}
+    for k, v in props.items():
+        if k == "spleen_utils.format":
+            continue
+        if k in ONNX_JSON_KEYS:
+            try:
+                out[k] = json.loads(v)
+            except json.JSONDecodeError:
+                raise SpleenError(f"{source}: the metadata entry {k!r} is not valid JSON; export the model again.") from None
+        elif k == "opset":
+            out[k] = int(v)
+        else:
+            out[k] = v
+    Recipe.from_model(out.get("recipe"), str(source))  # a recipe read from a file is validated
+    return out
+
+
+def _spatial_multiple(recipe: Recipe) -> int:
+    """Spatial sizes the network accepts are multiples of this (product of the strides: 16)."""
+    out = 1
+    for s in recipe.strides:
+        out *= int(s)
+    return out
+
+
+class Device:
+    """Where a backend runs, without importing torch: ``type`` (``cpu``/``cuda``) and ``index``.
+
+    Compares equal to the ``torch.device`` of the same name, and ``str()`` gives that name, so
+    ``torch.device(str(d))`` turns it into one.
+    """
+
+    __slots__ = ("type", "index")
+
+    def __init__(self, type: str, index: int | None = None):
+        self.type, self.index = str(type), (None if index is None else int(index))
+
+    def __str__(self) -> str:
+        return self.type if self.index is None else f"{self.type}:{self.index}"
+
+    def __repr__(self) -> str:
+        return f"Device({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (Device, str)) or type(other).__name__ == "device":
+            return str(self) == str(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(str(self))
 
 
 class Backend(Protocol):
     name: str
-    device: torch.device
+    device: Any  # torch.device, or Device for the ONNX Runtime backend
     precision: str
     recipe: Recipe
     meta: dict[str, Any]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, x: "torch.Tensor") -> "torch.Tensor": ...
 
 
 class TorchBackend:
@@ -37,6 +117,8 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model_path: str | Path, device: str = "auto", precision: str = "fp32"):
+        from .model import cpu_supports_bf16, load_model, resolve_device
+
         self.device = resolve_device(device)
         self.model, self.recipe, self.meta = load_model(model_path, self.device)
         if precision not in ("fp32", "amp", "bf16", "fp16"):
@@ -48,15 +130,18 @@ class TorchBackend:
         self.precision = precision
 
     def autocast(self):
+        import torch
+
         if self.precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
         src = x.device
-        with self.autocast():
+        with torch.no_grad(), self.autocast():
             y = self.model(x.to(self.device, non_blocking=True))
         return y.float().to(src)
 
@@ -68,15 +153,16 @@ class OnnxBackend:
     build has it (``onnxruntime-gpu``), else the CPU; ``cuda`` insists on it; ``cpu`` never uses
     it. Threads are ONNX Runtime's defaults (one intra-op thread per physical core). The file is
     fp32, so ``precision`` is ``fp32``; ``amp`` is accepted and also means fp32 here.
-    Inputs and outputs pass through host memory (numpy), also with the CUDA provider.
+    Inputs and outputs pass through host memory (numpy), also with the CUDA provider: a numpy
+    input gives a numpy output, a torch tensor a torch tensor. Opening and running it imports
+    neither torch nor MONAI.
     """
 
     name = "onnx"
+    array_api = "numpy"
 
     def __init__(self, model_path: str | Path, device: str = "auto", precision: str = "fp32"):
         import onnxruntime as ort
-
-        from .export import INPUT_NAME, OUTPUT_NAME, parse_metadata, spatial_multiple
 
         model_path = Path(model_path)
         if not model_path.exists():
@@ -104,32 +190,39 @@ class OnnxBackend:
         except Exception as e:  # InvalidProtobuf, Fail, NoSuchFile ... from the C++ side
             msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             raise SpleenError(f"{model_path}: not a readable ONNX model ({type(e).__name__}: {msg}).") from None
-        self.meta = parse_metadata(self.session.get_modelmeta().custom_metadata_map, model_path)
+        self.meta = parse_onnx_metadata(self.session.get_modelmeta().custom_metadata_map, model_path)
         self.recipe = Recipe.from_model(self.meta.get("recipe"), str(model_path))
         self.providers = self.session.get_providers()
         if self.providers[0] == "CUDAExecutionProvider":
             opts = self.session.get_provider_options().get("CUDAExecutionProvider", {})
-            self.device = torch.device("cuda", int(opts.get("device_id", 0)))
+            self.device = Device("cuda", int(opts.get("device_id", 0)))
         else:
             if device.startswith("cuda"):
                 raise SpleenError("ONNX Runtime could not start its CUDA execution provider (see its log); use --device cpu.")
-            self.device = torch.device("cpu")
+            self.device = Device("cpu")
         names_in = [i.name for i in self.session.get_inputs()]
         names_out = [o.name for o in self.session.get_outputs()]
         if INPUT_NAME not in names_in or OUTPUT_NAME not in names_out:
             raise SpleenError(f"{model_path}: expected tensors {INPUT_NAME!r} -> {OUTPUT_NAME!r}, found {names_in} -> {names_out}.")
         self._input, self._output = INPUT_NAME, OUTPUT_NAME
-        self._multiple = spatial_multiple(self.recipe)
+        self._multiple = _spatial_multiple(self.recipe)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x):
+        import numpy as np
+
         _check_input(x, self._multiple)
+        if isinstance(x, np.ndarray):
+            a = np.ascontiguousarray(x, dtype=np.float32)
+            return self.session.run([self._output], {self._input: a})[0]
+        import torch
+
         src = x.device
         a = x.detach().to("cpu", torch.float32).contiguous().numpy()
         y = self.session.run([self._output], {self._input: a})[0]
         return torch.from_numpy(y).to(src)
 
 
-def _check_input(x: torch.Tensor, multiple: int) -> None:
+def _check_input(x, multiple: int) -> None:
     if x.ndim != 5 or x.shape[1] != 1:
         raise SpleenError(f"the network takes (N, 1, X, Y, Z) input; got shape {tuple(x.shape)}.")
     if any(int(s) % multiple for s in x.shape[2:]):
@@ -148,7 +241,10 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, engine_path: str | Path, device: str = "cuda"):
-        from .export import INPUT_NAME, OUTPUT_NAME, read_engine_sidecar, spatial_multiple, tensorrt_available
+        import torch
+
+        from .export import read_engine_sidecar, spatial_multiple, tensorrt_available
+        from .model import resolve_device
 
         engine_path = Path(engine_path)
         if not engine_path.exists():
@@ -194,7 +290,9 @@ class TensorRTBackend:
         self.profile = (tuple(int(v) for v in lo), tuple(int(v) for v in hi))
         self._lock = threading.Lock()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
         _check_input(x, self._multiple)
         lo, hi = self.profile
         shape = tuple(int(s) for s in x.shape)

@@ -40,9 +40,10 @@ def _progress(quiet: bool):
 
 # ---------------------------------------------------------------- export-onnx
 def cmd_export_onnx(a: argparse.Namespace) -> int:
-    from .export import export_onnx
+    from .export import DEFAULT_OPSET, export_onnx
 
-    rep = export_onnx(a.model, a.out, opset=a.opset, validate=not a.no_validate, real_image=a.real_image, exporter=a.exporter)
+    opset = DEFAULT_OPSET if a.opset is None else a.opset
+    rep = export_onnx(a.model, a.out, opset=opset, validate=not a.no_validate, real_image=a.real_image, exporter=a.exporter)
     print(f"wrote {rep['path']} ({rep['size_bytes'] / 2**20:.1f} MiB, opset {rep['opset']}, {rep['exporter']} exporter, onnx.checker ok)")
     if rep["validated"]:
         print(f"validation, max |ONNX Runtime - PyTorch| of the logits (tolerance {rep['tolerance']:g}):")
@@ -142,13 +143,17 @@ def _write_json(obj, path) -> None:
 
 # ---------------------------------------------------------------- parser
 def register(sub) -> None:
-    """Add ``export-onnx``, ``build-trt``, ``compare-backends`` and ``bench`` to ``spleen-seg``."""
-    from .export import DEFAULT_OPSET
+    """Add ``export-onnx``, ``build-trt``, ``compare-backends`` and ``bench`` to ``spleen-seg``.
+
+    Nothing heavy is imported here (``spleen-seg --help`` runs it): not the exporter, which
+    imports torch; :mod:`spleen_utils.infer` imports only numpy.
+    """
+    from .infer import PRECISIONS
 
     e = sub.add_parser("export-onnx", help="export a checkpoint to one self-describing ONNX file, validated against PyTorch")
     e.add_argument("--model", required=True, help="a spleen_utils checkpoint (best_model.pt)")
     e.add_argument("--out", required=True, help="the ONNX file to write (e.g. model.onnx)")
-    e.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET}; below 18 the TorchScript exporter is used)")
+    e.add_argument("--opset", type=int, help="ONNX opset (default: spleen_utils.export.DEFAULT_OPSET, 18; below 18 the TorchScript exporter is used)")
     e.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto")
     e.add_argument("--real-image", help="a CT (NIfTI) whose central patch joins the validation inputs")
     e.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
@@ -197,7 +202,7 @@ def register(sub) -> None:
     b.add_argument("--no-patch", action="store_true", help="skip the per-patch part")
     b.add_argument("--no-end-to-end", action="store_true", help="skip the whole-CT part")
     b.add_argument("--window", choices=["auto", "whole", "sliding"], default="auto", help="the default path's window policy (default: auto, the Predictor's)")
-    b.add_argument("--precision", choices=["auto", "fp32", "amp"], default="auto", help="the default path's precision (default: auto, the Predictor's)")
+    b.add_argument("--precision", choices=PRECISIONS, default="auto", help="the default path's precision (default: auto, the Predictor's: fp32)")
     b.add_argument("--json", help="write the record here")
     b.add_argument("--plot", help="save the figure here (PNG, SVG, PDF)")
     b.add_argument("--quiet", action="store_true", help="no progress lines")

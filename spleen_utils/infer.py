@@ -67,15 +67,17 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import nibabel as nib
 import numpy as np
-import torch
 
 from .backends import Backend, open_backend
 from .errors import DataError, NotAnImageError, SpleenError
-from .io import Volume, case_name, is_label_array, is_nifti_name, load_nifti, looks_like_mask_name, save_mask
+
+if TYPE_CHECKING:  # annotations only: torch, MONAI and nibabel are imported where they are used
+    import torch
+
+    from .io import Volume
 
 #: the largest volume (voxels, after cropping and resampling, padded) that ``window="auto"`` runs
 #: as one window; about 3 GB of activations in fp32 for the spleen UNet (measured: ~1.2 GB for
@@ -89,6 +91,8 @@ MAX_RESAMPLED_VOXELS = 1 << 28
 MIN_SPACING_MM, MAX_SPACING_MM = 1e-3, 100.0
 WINDOWS = ("auto", "whole", "sliding")
 PRECISIONS = ("auto", "fp32", "amp", "bf16", "fp16")
+#: what ``precision="auto"`` means: fp32 on every device (see the module docstring, point 3)
+DEFAULT_PRECISION = "fp32"
 #: relative tolerance for "this resampling matrix is diagonal"
 _DIAG_TOL = 1e-6
 
@@ -101,7 +105,7 @@ _DIAG_TOL = 1e-6
 class Prepared:
     """A volume on the model's grid and everything needed to go back to the input's grid."""
 
-    image: torch.Tensor  # (X, Y, Z) float32, windowed to [0, 1], RAS, recipe spacing
+    image: np.ndarray  # (X, Y, Z) float32, windowed to [0, 1], RAS, recipe spacing
     affine: np.ndarray  # the model grid's affine
     in_shape: tuple[int, int, int]  # the input grid
     box: tuple[slice, slice, slice]  # the foreground box on the input grid
@@ -133,39 +137,43 @@ def window_hu(array: np.ndarray, hu_window: tuple[float, float]) -> np.ndarray:
     return out
 
 
-def resample_linear(x: torch.Tensor, positions: list[torch.Tensor | None]) -> torch.Tensor:
-    """Separable linear interpolation of a 3-D tensor with border padding.
+def resample_linear(x: np.ndarray, positions: list[np.ndarray | None]) -> np.ndarray:
+    """Separable linear interpolation of a 3-D array with border padding.
 
     ``positions[a]`` holds, for every output index along axis ``a``, the (fractional) input
     index it samples; ``None`` keeps that axis as it is. Trilinear interpolation is the product
     of three 1-D ones, so three passes give exactly what ``grid_sample`` (bilinear, border,
     voxel-index mapping) gives for a diagonal resampling matrix. The axis that shrinks the
-    most goes first.
+    most goes first. Plain numpy: the ONNX path runs without torch.
     """
+    x = np.asarray(x)
     order = sorted(
         (a for a in range(3) if positions[a] is not None),
-        key=lambda a: positions[a].numel() / x.shape[a],  # type: ignore[union-attr]
+        key=lambda a: len(positions[a]) / x.shape[a],  # type: ignore[arg-type]
     )
     for a in order:
-        p = positions[a].to(torch.float64).clamp(0, x.shape[a] - 1)  # type: ignore[union-attr]
-        i0 = p.floor().long()
-        i1 = (i0 + 1).clamp(max=x.shape[a] - 1)
-        w = (p - i0).to(x.dtype)
+        p = np.clip(np.asarray(positions[a], dtype=np.float64), 0, x.shape[a] - 1)
+        i0 = np.floor(p).astype(np.intp)
+        i1 = np.minimum(i0 + 1, x.shape[a] - 1)
         shape = [1, 1, 1]
         shape[a] = -1
-        # advanced indexing, not index_select: the latter is ~10x slower on the innermost axis
-        pre = (slice(None),) * a
-        x = x[(*pre, i0)].lerp_(x[(*pre, i1)], w.view(shape))
+        w = (p - i0).astype(x.dtype).reshape(shape)
+        lo = np.take(x, i0, axis=a)
+        hi = np.take(x, i1, axis=a)
+        hi -= lo
+        hi *= w
+        lo += hi
+        x = lo
     return x
 
 
-def _positions(scale: np.ndarray, offset: np.ndarray, out_shape, in_shape) -> list[torch.Tensor | None]:
-    out = []
+def _positions(scale: np.ndarray, offset: np.ndarray, out_shape, in_shape) -> list[np.ndarray | None]:
+    out: list[np.ndarray | None] = []
     for s, o, n_out, n_in in zip(scale, offset, out_shape, in_shape):
         if n_out == n_in and abs(s - 1.0) < 1e-9 and abs(o) < 1e-6:
             out.append(None)  # nothing to do on this axis
         else:
-            out.append(torch.arange(n_out, dtype=torch.float64) * float(s) + float(o))
+            out.append(np.arange(n_out, dtype=np.float64) * float(s) + float(o))
     return out
 
 
@@ -209,18 +217,59 @@ def check_resampled_size(out_shape, recipe, name: str = "image") -> tuple[int, i
     return tuple(int(v) for v in dims)  # type: ignore[return-value]
 
 
+#: MONAI's ``monai.data.utils.AFFINE_TOL``
+_AFFINE_TOL = 1e-3
+
+
+def zoom_affine(affine: np.ndarray, scale) -> np.ndarray:
+    """``monai.data.utils.zoom_affine(affine, scale, diagonal=False)`` in numpy (a test holds
+    them equal): the affine's rotation with the voxel sizes ``scale`` (all positive), shear
+    removed, no translation."""
+    affine = np.array(affine, dtype=float, copy=True)
+    d = len(affine) - 1
+    scale_np = np.array(scale, dtype=float, copy=True)[:d]
+    rzs = affine[:-1, :-1]
+    zs = np.linalg.cholesky(rzs.T @ rzs).T
+    rotation = rzs @ np.linalg.inv(zs)
+    new = np.eye(len(affine))
+    new[:-1, :-1] = rotation @ np.diag(np.sign(np.diag(zs)) * np.abs(scale_np))
+    return new
+
+
+def compute_shape_offset(spatial_shape, in_affine: np.ndarray, out_affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``monai.data.utils.compute_shape_offset(..., scale_extent=False)`` in numpy (a test holds
+    them equal): the output grid's shape and the world position of its first voxel."""
+    shape = np.array(tuple(spatial_shape), copy=True, dtype=float)
+    in_a, out_a = np.asarray(in_affine, dtype=float), np.asarray(out_affine, dtype=float)
+    corners = np.asarray(np.meshgrid(*[(0.0, dim - 1.0) for dim in shape], indexing="ij")).reshape((len(shape), -1))
+    corners = np.concatenate((corners, np.ones_like(corners[:1])))
+    corners_out = np.linalg.solve(out_a, in_a) @ corners
+    corners = in_a @ corners
+    all_dist = corners_out[:-1].copy()
+    corners_out = corners_out[:-1] / corners_out[-1]
+    out_shape = np.round(np.ptp(corners_out, axis=1) + 1.0)
+    offset = None
+    for i in range(corners.shape[1]):
+        if np.allclose(np.min(all_dist - all_dist[:, i : i + 1], 1), 0.0, rtol=_AFFINE_TOL):
+            offset = corners[:-1, i]  # this corner is the smallest: it becomes the origin
+            break
+    if offset is None:  # else the output's centre on the input's centre
+        offset = in_a[:-1, :-1] @ (shape / 2.0) + in_a[:-1, -1] - out_a[:-1, :-1] @ (out_shape / 2.0)
+    return out_shape.astype(int, copy=False), offset
+
+
 def _model_grid(shape, affine: np.ndarray, recipe):
     """Spacingd's output grid for an image of ``shape`` / ``affine`` (no voxel is touched):
     (orientation transform, oriented shape, oriented affine, new affine, output shape)."""
-    from monai.data.utils import compute_shape_offset, zoom_affine
+    import nibabel as nib
 
     src = nib.orientations.io_orientation(affine)
     dst = nib.orientations.axcodes2ornt(recipe.orientation)
     ornt = nib.orientations.ornt_transform(src, dst)
     affine_o = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
     oriented_shape = tuple(int(shape[int(ax)]) for ax in np.argsort(ornt[:, 0]))
-    new_affine = zoom_affine(affine_o, np.asarray(recipe.pixdim, dtype=np.float64), diagonal=False)
-    out_shape, offset = compute_shape_offset(oriented_shape, affine_o, new_affine, False)
+    new_affine = zoom_affine(affine_o, np.asarray(recipe.pixdim, dtype=np.float64))
+    out_shape, offset = compute_shape_offset(oriented_shape, affine_o, new_affine)
     new_affine[:3, 3] = offset[:3]
     return ornt, oriented_shape, affine_o, new_affine, out_shape
 
@@ -237,6 +286,8 @@ def prepare(vol: Volume, recipe) -> Prepared | None | str:
     Returns a :class:`Prepared`, ``None`` when the image has no foreground (an empty mask), or
     ``"generic"`` when its affine needs MONAI's generic resampling (shear).
     """
+    import nibabel as nib
+
     name = str(vol.path) if vol.path is not None else "image"
     check_spacing(vol.affine, name)  # before any geometry: finite, non-degenerate, plausible mm
     a = vol.array
@@ -259,11 +310,10 @@ def prepare(vol: Volume, recipe) -> Prepared | None | str:
     windowed = window_hu(a[box], recipe.hu_window)
     oriented = np.ascontiguousarray(nib.orientations.apply_orientation(windowed, ornt))
     assert oriented.shape == oriented_shape
-    x = torch.from_numpy(oriented)
     out_shape = tuple(int(v) for v in out_shape)
-    x = resample_linear(x, _positions(scale, shift, out_shape, oriented_shape))
+    x = resample_linear(oriented, _positions(scale, shift, out_shape, oriented_shape))
     return Prepared(
-        image=x.contiguous(),
+        image=np.ascontiguousarray(x),
         affine=new_affine,
         in_shape=vol.shape,
         box=box,
@@ -274,18 +324,20 @@ def prepare(vol: Volume, recipe) -> Prepared | None | str:
     )
 
 
-def restore(values: torch.Tensor, prep: Prepared) -> tuple[slice, slice, slice, torch.Tensor]:
+def restore(values: np.ndarray, prep: Prepared) -> tuple[slice, slice, slice, np.ndarray]:
     """Resample ``values`` ``(X, Y, Z)`` on the model grid back onto the input's foreground box.
 
     Returns the box and the values on it (in the input's axis order); outside the box the
     preprocessing had cropped the image away.
     """
+    import nibabel as nib
+
     inv_scale = 1.0 / prep.scale
     inv_shift = -prep.offset / prep.scale  # oriented voxel j sits at model voxel (j - offset) / scale
-    v = resample_linear(values, _positions(inv_scale, inv_shift, prep.oriented_shape, tuple(values.shape)))
+    v = resample_linear(np.asarray(values), _positions(inv_scale, inv_shift, prep.oriented_shape, tuple(values.shape)))
     # undo the orientation: apply the inverse flip / transpose
-    arr = nib.orientations.apply_orientation(v.numpy(), _inverse_ornt(prep.ornt))
-    return (*prep.box, torch.from_numpy(np.ascontiguousarray(arr)))  # type: ignore[return-value]
+    arr = nib.orientations.apply_orientation(v, _inverse_ornt(prep.ornt))
+    return (*prep.box, np.ascontiguousarray(arr))  # type: ignore[return-value]
 
 
 def _inverse_ornt(ornt: np.ndarray) -> np.ndarray:
@@ -301,7 +353,7 @@ def _padded_shape(shape, m: int, minimum) -> tuple[int, ...]:
     return tuple(int(math.ceil(max(int(n), int(lo)) / m) * m) for n, lo in zip(shape, minimum))
 
 
-def _pad_to_multiple(x: torch.Tensor, m: int, minimum=(0, 0, 0)) -> tuple[torch.Tensor, tuple[slice, ...]]:
+def _pad_to_multiple(x: np.ndarray, m: int, minimum=(0, 0, 0)) -> tuple[np.ndarray, tuple[slice, ...]]:
     """Zero-pad ``(X, Y, Z)`` symmetrically, as MONAI's sliding window pads an image smaller than
     its ROI, to at least ``minimum`` and a multiple of ``m`` per axis."""
     pads, keep = [], []
@@ -310,16 +362,58 @@ def _pad_to_multiple(x: torch.Tensor, m: int, minimum=(0, 0, 0)) -> tuple[torch.
         lo = total // 2
         pads.append((lo, total - lo))
         keep.append(slice(lo, lo + n))
-    flat = [v for p in reversed(pads) for v in p]
-    if any(flat):
-        x = torch.nn.functional.pad(x, flat)
+    if any(v for p in pads for v in p):
+        x = np.pad(x, pads)
     return x, tuple(keep)
+
+
+def scan_slices(image_size, roi, overlap: float) -> list[tuple[slice, ...]]:
+    """The windows of MONAI's ``sliding_window_inference`` over an ``image_size`` at least ``roi``
+    on every axis (``_get_scan_interval`` and ``dense_patch_slices``), in MONAI's order."""
+    starts = []
+    for n, r in zip(image_size, roi):
+        n, r = int(n), int(r)
+        step = r if r == n else max(int(r * (1 - overlap)), 1)
+        count = next((d for d in range(int(math.ceil(n / step))) if d * step + r >= n), 0) + 1
+        starts.append([i * step - max(i * step + r - n, 0) for i in range(count)])
+    grid = np.asarray([g.ravel() for g in np.meshgrid(*starts, indexing="ij")]).T
+    return [tuple(slice(int(s), int(s) + int(r)) for s, r in zip(row, roi)) for row in grid]
+
+
+def sliding_window(image: np.ndarray, roi, sw_batch_size: int, predictor, overlap: float) -> np.ndarray:
+    """MONAI's ``sliding_window_inference`` (constant blending, zero padding) on numpy arrays.
+
+    ``image`` is ``(1, 1, X, Y, Z)``; returns ``(1, C, X, Y, Z)`` float32. The same windows in the
+    same order, summed and divided by their count as MONAI does (a test holds the two equal),
+    for backends that run without torch (ONNX Runtime).
+    """
+    shape = tuple(int(v) for v in image.shape[2:])
+    pads = [((r - n) // 2, (r - n) - (r - n) // 2) if r > n else (0, 0) for n, r in zip(shape, roi)]
+    if any(a or b for a, b in pads):
+        image = np.pad(image, [(0, 0), (0, 0), *pads])
+    size = tuple(int(v) for v in image.shape[2:])
+    windows = scan_slices(size, roi, overlap)
+    out = count = None
+    for g in range(0, len(windows), sw_batch_size):
+        group = windows[g : g + sw_batch_size]
+        batch = np.concatenate([image[(slice(None), slice(None), *w)] for w in group])
+        y = np.asarray(predictor(batch), dtype=np.float32)
+        if out is None:
+            out = np.zeros((1, y.shape[1], *size), dtype=np.float32)
+            count = np.zeros((1, 1, *size), dtype=np.float32)
+        for j, w in enumerate(group):
+            out[(slice(None), slice(None), *w)] += y[j : j + 1]
+            count[(slice(None), slice(None), *w)] += 1.0
+    out /= count
+    keep = tuple(slice(a, a + n) for (a, _), n in zip(pads, shape))
+    return np.ascontiguousarray(out[(slice(None), slice(None), *keep)])
 
 
 def fold_batch_norms(model: torch.nn.Module) -> int:
     """Fold every eval-mode batch norm that follows a convolution into it (MONAI ``Convolution``
     blocks: ``conv`` then ``adn.N``); returns how many. The same function, up to rounding, with
     one memory pass less per layer (the ONNX exporter does the same)."""
+    import torch
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     n = 0
@@ -349,7 +443,11 @@ def optimize_torch_backend(backend: Backend) -> list[str]:
     """
     model = getattr(backend, "model", None)
     device = getattr(backend, "device", None)
-    if getattr(backend, "name", "") != "torch" or not isinstance(model, torch.nn.Module) or device is None or device.type != "cpu":
+    if getattr(backend, "name", "") != "torch" or model is None or device is None or device.type != "cpu":
+        return []
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
         return []
     done = []
     if not model.training and fold_batch_norms(model):
@@ -365,21 +463,45 @@ def optimize_torch_backend(backend: Backend) -> list[str]:
     return done
 
 
-def _largest_component(label: torch.Tensor) -> torch.Tensor:
-    """MONAI's ``KeepLargestConnectedComponent`` (label 1, 26-connectivity), run only on the
-    bounding box of the label's voxels (outside it there is nothing to keep or remove)."""
-    from monai.transforms import KeepLargestConnectedComponent
+def _largest_component(label: np.ndarray) -> np.ndarray:
+    """MONAI's ``KeepLargestConnectedComponent(applied_labels=[1], connectivity=3)``: voxels of
+    label 1 outside its largest 26-connected component become 0. Computed with
+    ``scipy.ndimage.label`` (components numbered in raster order, as scikit-image's, which MONAI
+    uses, so ties go the same way; a test holds the two equal) on the bounding box of the label's
+    voxels only (outside it there is nothing to keep or remove); no torch or MONAI needed."""
+    from scipy import ndimage
 
-    box = foreground_box(label.numpy(), 0)
+    label = np.asarray(label)
+    box = foreground_box(label, 0)
     if box is None:
         return label
-    out = label.clone()
-    out[box] = KeepLargestConnectedComponent(applied_labels=[1], connectivity=3)(out[box].clone()[None])[0].to(label.dtype)
+    sub = label[box] == 1
+    features, n = ndimage.label(sub, structure=np.ones((3, 3, 3), dtype=bool))
+    if n <= 1:
+        return label
+    counts = np.bincount(features.ravel())
+    counts[0] = 0
+    keep = np.argsort(counts)[::-1][0]  # MONAI's choice, ties included
+    out = label.copy()
+    view = out[box]
+    view[sub & (features != keep)] = 0
     return out
 
 
-def _plain(x: torch.Tensor) -> torch.Tensor:
+def _plain(x):
     return x.as_tensor() if hasattr(x, "as_tensor") else x
+
+
+def _to_numpy(x) -> np.ndarray:
+    """A numpy array of ``x`` (an array, a tensor or a MONAI MetaTensor, on any device)."""
+    if isinstance(x, np.ndarray):
+        return x
+    import torch  # x is a tensor: torch is already imported
+
+    x = _plain(x).detach()
+    if x.dtype in (torch.bfloat16, torch.float16):  # half-precision logits: numpy has no bf16
+        x = x.float()
+    return x.cpu().numpy()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,18 +558,16 @@ class Predictor:
     ) -> "Predictor":
         """Open a model file (``.pt``, ``.onnx``, ``.engine``) and build a predictor on it.
 
-        ``precision``: ``auto`` (mixed precision where the hardware runs it natively: bf16 on a
-        CPU with AVX512-BF16/AMX, fp16 on CUDA; fp32 elsewhere), ``fp32`` or ``amp``.
+        ``precision`` (:data:`PRECISIONS`): ``auto`` (the default) is :data:`DEFAULT_PRECISION`,
+        fp32, the precision of the tutorial's masks (see the module docstring, point 3);
+        ``bf16`` / ``fp16`` / ``amp`` (bf16 on CPU, fp16 on CUDA) run the torch backend under
+        autocast when asked for. ONNX files run fp32 and TensorRT engines the precision they
+        were built with.
         """
         if precision not in PRECISIONS:
-            raise SpleenError(f"unknown precision {precision!r}; use auto, fp32 or amp.")
+            raise SpleenError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}.")
         if precision == "auto":
-            kind = backend
-            if kind == "auto":
-                from .backends import SUFFIXES
-
-                kind = SUFFIXES.get(Path(model_path).suffix.lower(), "")
-            precision = "amp" if kind == "torch" else "fp32"
+            precision = DEFAULT_PRECISION
         return cls(open_backend(model_path, backend=backend, device=device, precision=precision), **kwargs)
 
     @property
@@ -506,22 +626,37 @@ class Predictor:
         """``"whole"`` or ``"sliding"``: how a preprocessed volume of ``shape`` is run."""
         return "whole" if self._whole_fits(tuple(shape)) else "sliding"
 
-    def logits(self, image: torch.Tensor) -> torch.Tensor:
-        """Logits ``(C, X, Y, Z)`` of a preprocessed ``(1, X, Y, Z)`` image (whole or sliding window)."""
-        image = _plain(image)
-        with torch.no_grad():
-            if self.window_plan(tuple(image.shape[1:])) == "whole":
-                x, keep = _pad_to_multiple(image[0], self.multiple, self.roi)
-                try:
-                    out = self.backend(x[None, None].contiguous())
-                    return out[0][(slice(None), *keep)].cpu()
-                except torch.OutOfMemoryError:  # a GPU too small for this volume: windows after all
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-            from monai.inferers import sliding_window_inference
+    @property
+    def numpy_backend(self) -> bool:
+        """Whether the backend takes numpy arrays (ONNX Runtime): then nothing here imports torch."""
+        return getattr(self.backend, "array_api", "torch") == "numpy"
 
+    def logits(self, image) -> np.ndarray:
+        """Logits ``(C, X, Y, Z)`` (float32 numpy) of a preprocessed ``(1, X, Y, Z)`` image (numpy
+        or tensor), one window or MONAI's sliding window."""
+        image = np.ascontiguousarray(_to_numpy(image), dtype=np.float32)
+        if self.window_plan(tuple(image.shape[1:])) == "whole":
+            x, keep = _pad_to_multiple(image[0], self.multiple, self.roi)
+            x = np.ascontiguousarray(x[None, None])
+            if self.numpy_backend:
+                return np.asarray(self.backend(x))[0][(slice(None), *keep)]
+            import torch
+
+            try:
+                with torch.no_grad():
+                    out = self.backend(torch.from_numpy(x))
+                return _to_numpy(out[0][(slice(None), *keep)])
+            except torch.OutOfMemoryError:  # a GPU too small for this volume: windows after all
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        if self.numpy_backend:
+            return sliding_window(image[None], self.roi, self.sw_batch_size, self.backend, self.overlap)[0]
+        import torch
+        from monai.inferers import sliding_window_inference
+
+        with torch.no_grad():
             out = sliding_window_inference(
-                image[None],
+                torch.from_numpy(image[None]),
                 roi_size=self.roi,
                 sw_batch_size=self.sw_batch_size,
                 predictor=self.backend,
@@ -531,24 +666,27 @@ class Predictor:
                 device="cpu",
                 progress=self.progress,
             )
-        return _plain(out[0])
+        return _to_numpy(out[0])
 
     @staticmethod
-    def _margin(logits: torch.Tensor) -> torch.Tensor:
+    def _margin(logits: np.ndarray) -> np.ndarray:
         if logits.shape[0] == 2:
             return logits[1:2] - logits[0:1]  # the margin: > 0 where spleen wins
         return logits
 
     @staticmethod
-    def _label(values: torch.Tensor) -> torch.Tensor:
+    def _label(values: np.ndarray) -> np.ndarray:
         """``(C, ...)`` margin (C = 1) or logits -> uint8 label map ``(...)``."""
+        values = np.asarray(values)
         if values.shape[0] == 1:
-            return (values[0] > 0).to(torch.uint8)
-        return values.argmax(dim=0).to(torch.uint8)
+            return (values[0] > 0).astype(np.uint8)
+        return values.argmax(axis=0).astype(np.uint8)
 
     # ---- one volume
     def predict_volume(self, vol: Volume) -> tuple[np.ndarray, dict[str, float]]:
-        """uint8 label map on ``vol``'s grid, and the time of each stage in seconds."""
+        """uint8 label map on ``vol``'s grid, and the time of each stage in seconds
+        (``preprocess_s``, ``inference_s``: the network, ``postprocess_s``: back to the input's
+        grid, argmax and the largest component)."""
         t: dict[str, float] = {}
         t0 = time.perf_counter()
         prep = prepare(vol, self.recipe) if self.preprocess == "fast" else "generic"
@@ -565,23 +703,24 @@ class Predictor:
         t["inference_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        margin = self._margin(logits.float())
+        margin = self._margin(logits.astype(np.float32, copy=False))
         if margin.shape[0] == 1:
-            *box, values = restore(margin[0].contiguous(), prep)
-            label_box = (values > 0).to(torch.uint8)
+            *box, values = restore(np.ascontiguousarray(margin[0]), prep)
+            label_box = (values > 0).astype(np.uint8)
         else:
-            restored = [restore(c.contiguous(), prep) for c in margin]
+            restored = [restore(np.ascontiguousarray(c), prep) for c in margin]
             box = list(restored[0][:3])
-            label_box = torch.stack([r[3] for r in restored]).argmax(dim=0).to(torch.uint8)
+            label_box = np.stack([r[3] for r in restored]).argmax(axis=0).astype(np.uint8)
         if self.lcc:
             label_box = _largest_component(label_box)
         mask = np.zeros(vol.shape, dtype=np.uint8)
-        mask[tuple(box)] = label_box.numpy()
+        mask[tuple(box)] = label_box
         t["postprocess_s"] = time.perf_counter() - t0
         return mask, t
 
     def _predict_generic(self, vol: Volume, t: dict[str, float], t0: float) -> tuple[np.ndarray, dict[str, float]]:
         """MONAI's transforms and ``Invertd`` (any affine, including sheared ones)."""
+        import torch
         from monai.data import MetaTensor
 
         resampled_shape(vol, self.recipe, str(vol.path) if vol.path is not None else "image")
@@ -594,24 +733,22 @@ class Predictor:
         t["inference_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        pred = self._margin(logits.float())
-        data["pred"] = MetaTensor(_plain(pred), meta=data["image"].meta)
-        inverted = _plain(self.invert(data)["pred"])
-        label = self._label(inverted)
+        pred = self._margin(logits.astype(np.float32, copy=False))
+        data["pred"] = MetaTensor(torch.from_numpy(np.ascontiguousarray(pred)), meta=data["image"].meta)
+        label = self._label(_to_numpy(self.invert(data)["pred"]))
         if self.lcc:
             label = _largest_component(label)
-        mask = np.asarray(label.cpu().numpy(), dtype=np.uint8)
+        mask = np.asarray(label, dtype=np.uint8)
         t["postprocess_s"] = time.perf_counter() - t0
         if mask.shape != vol.shape:  # a bug, never the user's fault
             raise RuntimeError(f"inverted mask {mask.shape} does not match the input grid {vol.shape}")
         return mask, t
 
-    def predict_file(self, input_path: str | Path, output_path: str | Path, series_uid: str | None = None) -> dict[str, Any]:
-        """Segment one NIfTI file or DICOM series (folder or zip) and write its mask; returns a record.
-
-        A DICOM input with an output ending in ``.dcm`` gets a DICOM SEG (:mod:`spleen_utils.dicom`).
-        """
-        from .dicom import is_dicom_input, is_seg_name, read_series, write_seg
+    # ---- files: read, segment, write (predict_path overlaps the three across a folder)
+    def _read(self, input_path: str | Path, output_path: str | Path, series_uid: str | None = None):
+        """``(volume, DICOM series or None, seconds)`` of one input, refused when it holds a label map."""
+        from .dicom import is_dicom_input, is_seg_name, read_series
+        from .io import is_label_array, load_nifti
 
         t0 = time.perf_counter()
         series = read_series(input_path, series_uid=series_uid) if is_dicom_input(input_path) else None
@@ -621,16 +758,22 @@ class Predictor:
         if is_label_array(vol.array):
             raise NotAnImageError(f"{input_path}: holds a label map (whole numbers from {int(vol.array.min())} to "
                             f"{int(vol.array.max())}), not a CT in Hounsfield units; give the image, not its mask.")
-        t_load = time.perf_counter() - t0
-        mask, t = self.predict_volume(vol)
+        return vol, series, time.perf_counter() - t0
+
+    def _write(self, mask: np.ndarray, vol: Volume, series, output_path: str | Path) -> tuple[float, float]:
+        """Write one mask (NIfTI, or DICOM SEG for a series and a ``.dcm`` output); ``(seconds, end time)``."""
+        from .dicom import is_seg_name, write_seg
+        from .io import save_mask
+
         t1 = time.perf_counter()
         if series is not None and is_seg_name(output_path):
             write_seg(mask, series, output_path, parameters={"backend": self.description})
         else:
             save_mask(mask, vol, output_path)
-        t["write_s"] = time.perf_counter() - t1
-        t["load_s"] = t_load
-        t["total_s"] = time.perf_counter() - t0
+        t2 = time.perf_counter()
+        return t2 - t1, t2
+
+    def _record(self, input_path, output_path, vol: Volume, series, mask: np.ndarray, t: dict[str, float]) -> dict[str, Any]:
         return {
             "input": str(input_path),
             "output": str(output_path),
@@ -644,6 +787,21 @@ class Predictor:
             **({"series": series.series.key, "slices": len(series.headers)} if series is not None else {}),
         }
 
+    def predict_file(self, input_path: str | Path, output_path: str | Path, series_uid: str | None = None) -> dict[str, Any]:
+        """Segment one NIfTI file or DICOM series (folder or zip) and write its mask; returns a record.
+
+        A DICOM input with an output ending in ``.dcm`` gets a DICOM SEG (:mod:`spleen_utils.dicom`).
+        ``timings``: ``load_s``, ``preprocess_s``, ``inference_s``, ``postprocess_s``, ``write_s``
+        and ``total_s``.
+        """
+        t0 = time.perf_counter()
+        vol, series, t_load = self._read(input_path, output_path, series_uid)
+        mask, t = self.predict_volume(vol)
+        t["write_s"], _ = self._write(mask, vol, series, output_path)
+        t["load_s"] = t_load
+        t["total_s"] = time.perf_counter() - t0
+        return self._record(input_path, output_path, vol, series, mask, t)
+
     def predict_path(self, input: str | Path, output: str | Path, on_case=None, on_skip=None,
                      series_uid: str | None = None) -> list[dict[str, Any]]:
         """A file to a file, or every NIfTI of a folder into a folder (same file names).
@@ -655,6 +813,7 @@ class Predictor:
         (``.dcm``: DICOM SEG, ``.nii.gz``: NIfTI) or, for a folder, ``<name>_seg.dcm`` in it.
         """
         from .dicom import is_dicom_input, is_seg_name
+        from .io import case_name, is_nifti_name, looks_like_mask_name
 
         input, output = Path(input), Path(output)
         if not input.exists():
@@ -685,18 +844,51 @@ class Predictor:
             if not images:
                 raise DataError(f"{input}: holds only masks ({', '.join(f.name for f in files[:3])}...), no CT image.")
             jobs = [(f, output / f"{case_name(f)}.nii.gz") for f in images]
-        records = []
         single = len(jobs) == 1 and (input.is_file() or dicom_input)
-        for src, dst in jobs:
-            try:
-                rec = self.predict_file(src, dst, series_uid=series_uid)
-            except NotAnImageError:
-                if single:
-                    raise
-                if on_skip is not None:
-                    on_skip(src, "its voxels are a label map, not a CT")
-                continue
+        return self._run_jobs(jobs, on_case, on_skip, series_uid, single)
+
+    def _run_jobs(self, jobs, on_case, on_skip, series_uid, single: bool) -> list[dict[str, Any]]:
+        """Segment ``jobs`` (input, output) in order, reading the next input and writing the
+        previous mask in two threads while the network runs on the current one (decompression,
+        nibabel and numpy release the GIL). ``on_case`` gets each record in input order, once its
+        mask is written; a record's ``total_s`` runs from the start of its read to the end of
+        its write, so across a folder these overlap."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def read(job):
+            t0 = time.perf_counter()
+            return t0, self._read(job[0], job[1], series_uid)
+
+        records: list[dict[str, Any]] = []
+
+        def finish(pending) -> None:
+            fut, src, dst, vol, series, mask, t, t0 = pending
+            t["write_s"], t_end = fut.result()
+            t["total_s"] = t_end - t0
+            rec = self._record(src, dst, vol, series, mask, t)
             records.append(rec)
             if on_case is not None:
                 on_case(rec)
+
+        with ThreadPoolExecutor(1, thread_name_prefix="spleen-read") as reader, \
+                ThreadPoolExecutor(1, thread_name_prefix="spleen-write") as writer:
+            next_read = reader.submit(read, jobs[0]) if jobs else None
+            pending = None
+            for i, (src, dst) in enumerate(jobs):
+                current, next_read = next_read, (reader.submit(read, jobs[i + 1]) if i + 1 < len(jobs) else None)
+                try:
+                    t0, (vol, series, t_load) = current.result()
+                except NotAnImageError:
+                    if single:
+                        raise
+                    if on_skip is not None:
+                        on_skip(src, "its voxels are a label map, not a CT")
+                    continue
+                mask, t = self.predict_volume(vol)
+                t["load_s"] = t_load
+                if pending is not None:
+                    finish(pending)  # one mask in flight at a time: memory stays bounded
+                pending = (writer.submit(self._write, mask, vol, series, dst), src, dst, vol, series, mask, t, t0)
+            if pending is not None:
+                finish(pending)
         return records

@@ -1,0 +1,237 @@
+"""Fast start-up and the torch-free ONNX path (issue 14).
+
+* ``spleen-seg --help`` and ``spleen-seg predict`` with an ONNX model import neither torch nor
+  MONAI (checked in a fresh interpreter, through ``sys.modules``);
+* the numpy pieces that let them (MONAI's grid arithmetic, its sliding window, its largest
+  connected component, the ONNX contract) compute what MONAI / the exporter compute;
+* folder prediction overlaps reading and writing with the network and still reports every
+  case, in order, with its own stage times.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from spleen_utils import backends, infer
+from spleen_utils.config import Recipe
+from spleen_utils.infer import Predictor, compute_shape_offset, scan_slices, sliding_window, zoom_affine
+from spleen_utils.synthetic import make_phantom
+
+TINY = Recipe(channels=(4, 8, 16, 32, 64), patch_size=(32, 32, 32), sw_roi=(64, 64, 64), sw_batch_size=2, pixdim=(4.0, 4.0, 5.0))
+
+
+def fresh_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory):
+    from spleen_utils.export import export_onnx
+    from spleen_utils.model import build_network, save_checkpoint
+
+    d = tmp_path_factory.mktemp("startup")
+    torch.manual_seed(0)
+    pt = save_checkpoint(build_network(TINY), TINY, d / "tiny.pt")
+    return export_onnx(pt, d / "tiny.onnx", opset=17, validate=False)["path"], pt
+
+
+@pytest.fixture(scope="module")
+def ct_folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cts")
+    for i, codes in enumerate(("RAS", "LPS", "LAS")):
+        img, lab, aff = make_phantom(i, codes, (4.0, 4.0, 5.0))
+        nib.save(nib.Nifti1Image(img, aff), str(d / f"case_{i}.nii.gz"))
+        if i == 0:
+            nib.save(nib.Nifti1Image(lab.astype(np.uint8), aff), str(d / "case_0_label.nii.gz"))  # skipped by name
+            nib.save(nib.Nifti1Image(lab.astype(np.uint8), aff), str(d / "zz_labelmap.nii.gz"))  # skipped by content
+    return d
+
+
+# ----------------------------------------------------------------------------------------------
+# what a fresh process imports
+
+
+def test_help_imports_neither_torch_nor_monai():
+    r = fresh_python(
+        "import sys\nfrom spleen_utils.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "print(sorted(m for m in ('torch', 'monai', 'onnxruntime', 'scipy') if m in sys.modules))"
+    )
+    assert r.returncode == 0, r.stderr
+    assert "predict" in r.stdout and r.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_onnx_predict_imports_neither_torch_nor_monai(onnx_model, ct_folder, tmp_path):
+    onnx_path, _ = onnx_model
+    out = tmp_path / "masks"
+    r = fresh_python(
+        "import sys\nfrom spleen_utils.cli import main\n"
+        f"rc = main(['predict', '--model', {str(onnx_path)!r}, '--input', {str(ct_folder)!r}, '--output', {str(out)!r}])\n"
+        "print('rc', rc, 'torch' in sys.modules, 'monai' in sys.modules, 'onnxruntime' in sys.modules)"
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "rc 0 False False True"
+    assert sorted(p.name for p in out.iterdir()) == ["case_0.nii.gz", "case_1.nii.gz", "case_2.nii.gz"]
+    assert "3 cases in" in r.stdout  # the folder's total time
+
+
+def test_torch_predict_still_works_and_imports_torch_only_then(onnx_model, ct_folder, tmp_path):
+    _, pt = onnx_model
+    r = fresh_python(
+        "import sys\nimport spleen_utils.infer, spleen_utils.backends\nbefore = 'torch' in sys.modules\n"
+        "from spleen_utils.cli import main\n"
+        f"rc = main(['predict', '--model', {str(pt)!r}, '--input', {str(ct_folder / 'case_1.nii.gz')!r}, '--output', {str(tmp_path / 'm.nii.gz')!r}])\n"
+        "print('rc', rc, before, 'torch' in sys.modules)"
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "rc 0 False True"
+
+
+# ----------------------------------------------------------------------------------------------
+# the numpy pieces compute what MONAI computes
+
+
+def _random_affine(rng) -> np.ndarray:
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    a = np.eye(4)
+    a[:3, :3] = q @ np.diag(rng.uniform(0.4, 5.0, 3))
+    a[:3, 3] = rng.uniform(-300, 300, 3)
+    return a
+
+
+def test_grid_arithmetic_equals_monai():
+    from monai.data.utils import compute_shape_offset as monai_shape_offset
+    from monai.data.utils import zoom_affine as monai_zoom
+
+    rng = np.random.default_rng(0)
+    affines = [np.diag([0.7, 0.7, 2.5, 1.0]), np.diag([-0.8, -0.8, 1.5, 1.0])] + [_random_affine(rng) for _ in range(20)]
+    for a in affines:
+        pixdim = rng.uniform(0.5, 4.0, 3)
+        shape = tuple(int(v) for v in rng.integers(5, 300, 3))
+        want = monai_zoom(a, pixdim, diagonal=False)
+        np.testing.assert_allclose(zoom_affine(a, pixdim), want, atol=1e-12)
+        s_want, o_want = monai_shape_offset(shape, a, want, False)
+        s_got, o_got = compute_shape_offset(shape, a, want)
+        assert tuple(s_got) == tuple(s_want)
+        np.testing.assert_allclose(o_got, o_want, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape,roi,overlap", [((70, 50, 33), (32, 32, 32), 0.25), ((20, 64, 9), (32, 32, 16), 0.5),
+                                               ((64, 64, 64), (64, 64, 64), 0.25), ((97, 41, 60), (48, 48, 48), 0.0)])
+def test_numpy_sliding_window_equals_monai(shape, roi, overlap):
+    from monai.inferers import sliding_window_inference
+
+    w = torch.randn(3, 1, 3, 3, 3, generator=torch.Generator().manual_seed(1))
+    calls = []
+
+    def net(x):  # position-sensitive (zero padding at each window's border): windows must match exactly
+        calls.append(tuple(x.shape))
+        t = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+        y = torch.nn.functional.conv3d(t, w, padding=1)
+        return y.numpy() if isinstance(x, np.ndarray) else y
+
+    image = np.random.default_rng(2).random((1, 1, *shape), dtype=np.float32)
+    want = sliding_window_inference(torch.from_numpy(image), roi, 3, net, overlap=overlap, mode="constant").numpy()
+    n_monai = len(calls)
+    got = sliding_window(image, roi, 3, net, overlap)
+    assert got.shape == want.shape == (1, 3, *shape)
+    assert len(calls) == 2 * n_monai  # the same number of batches
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert len(scan_slices(tuple(max(n, r) for n, r in zip(shape, roi)), roi, overlap)) == sum(c[0] for c in calls[:n_monai])
+
+
+def test_largest_component_equals_monai():
+    from monai.transforms import KeepLargestConnectedComponent
+
+    rng = np.random.default_rng(3)
+    for i in range(12):
+        mask = (rng.random((30, 25, 20)) > (0.75 if i % 2 else 0.9)).astype(np.uint8)
+        if i == 0:
+            mask[:] = 0
+            mask[2:5, 2:5, 2:5] = mask[10:13, 10:13, 10:13] = 1  # a tie: MONAI's choice
+        want = KeepLargestConnectedComponent(applied_labels=[1], connectivity=3)(torch.from_numpy(mask.copy())[None])[0].numpy()
+        got = infer._largest_component(mask)
+        assert got.dtype == np.uint8 and np.array_equal(got, want.astype(np.uint8)), i
+        assert got.sum() <= mask.sum() and (i != 0 or got.sum() == 27)
+
+
+def test_onnx_contract_equals_the_exporters(onnx_model):
+    from spleen_utils import export
+
+    assert (backends.ONNX_FORMAT, backends.INPUT_NAME, backends.OUTPUT_NAME) == (export.ONNX_FORMAT, export.INPUT_NAME, export.OUTPUT_NAME)
+    assert backends.ONNX_JSON_KEYS == export.JSON_KEYS and backends.ONNX_REQUIRED_KEYS == export.REQUIRED_KEYS
+    import onnxruntime as ort
+
+    props = ort.InferenceSession(str(onnx_model[0]), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    assert backends.parse_onnx_metadata(props, "m") == export.parse_metadata(props, "m")
+    with pytest.raises(backends.SpleenError, match="without spleen_utils metadata"):
+        backends.parse_onnx_metadata({}, "m")
+
+
+def test_onnx_backend_takes_numpy_and_torch(onnx_model):
+    b = backends.OnnxBackend(onnx_model[0], device="cpu")
+    x = np.random.default_rng(0).random((1, 1, 32, 32, 16), dtype=np.float32)
+    y = b(x)
+    assert isinstance(y, np.ndarray) and y.shape == (1, 2, 32, 32, 16)
+    yt = b(torch.from_numpy(x))
+    assert isinstance(yt, torch.Tensor) and np.array_equal(yt.numpy(), y)
+    assert b.device == torch.device("cpu") and str(b.device) == "cpu" and b.device.type == "cpu"
+
+
+def test_onnx_and_torch_predictors_agree_on_sliding_windows(onnx_model, ct_folder):
+    from spleen_utils.io import load_nifti
+
+    onnx_path, pt = onnx_model
+    vol = load_nifti(ct_folder / "case_1.nii.gz")
+    po = Predictor.from_path(onnx_path, device="cpu", window="sliding", lcc=False)
+    pt_ = Predictor.from_path(pt, device="cpu", window="sliding", lcc=False)
+    prep = infer.prepare(vol, po.recipe)
+    assert any(n > r for n, r in zip(prep.image.shape, po.roi))  # several windows: the numpy sliding window runs
+    lo, lt = po.logits(prep.image[None]), pt_.logits(prep.image[None])
+    assert isinstance(lo, np.ndarray) and lo.shape == lt.shape == (2, *prep.image.shape)
+    np.testing.assert_allclose(lo, lt, atol=1e-3, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# precision and the folder pipeline
+
+
+def test_auto_precision_is_fp32_and_every_precision_is_offered(onnx_model):
+    _, pt = onnx_model
+    assert infer.DEFAULT_PRECISION == "fp32"
+    assert Predictor.from_path(pt, device="cpu").backend.precision == "fp32"
+    with pytest.raises(infer.SpleenError) as e:
+        Predictor.from_path(pt, precision="int8")
+    assert all(p in str(e.value) for p in infer.PRECISIONS)
+    from spleen_utils.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for cmd in ("predict", "bench"):
+        opt = next(a for a in sub.choices[cmd]._actions if a.dest == "precision")
+        assert tuple(opt.choices) == infer.PRECISIONS and opt.default == "auto"
+
+
+def test_folder_prediction_reports_each_case_in_order(onnx_model, ct_folder, tmp_path):
+    onnx_path, _ = onnx_model
+    p = Predictor.from_path(onnx_path, device="cpu")
+    seen, skipped = [], []
+    records = p.predict_path(ct_folder, tmp_path / "out", on_case=lambda r: seen.append(r["input"]), on_skip=lambda f, why: skipped.append(f.name))
+    names = [f"case_{i}.nii.gz" for i in range(3)]
+    assert [r["input"].rsplit("/", 1)[-1] for r in records] == names and seen == [r["input"] for r in records]
+    assert sorted(skipped) == ["case_0_label.nii.gz", "zz_labelmap.nii.gz"]
+    for r in records:
+        t = r["timings"]
+        assert {"load_s", "preprocess_s", "inference_s", "postprocess_s", "write_s", "total_s"} <= set(t)
+        assert t["total_s"] >= t["inference_s"] > 0 and t["load_s"] > 0 and t["write_s"] > 0
+        # the same mask as one file at a time
+        one = tmp_path / "one" / r["input"].rsplit("/", 1)[-1]
+        p.predict_file(r["input"], one)
+        assert np.array_equal(np.asarray(nib.load(r["output"]).dataobj), np.asarray(nib.load(str(one)).dataobj))
+    json.dumps(records)  # the CLI's --json
