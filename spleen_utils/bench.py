@@ -29,6 +29,7 @@ import datetime as dt
 import json
 import os
 import platform
+import sys
 import tempfile
 import threading
 import time
@@ -278,8 +279,9 @@ def baseline_predict(
     ``SaveImaged`` (the tutorial's float32 output, ``<out_dir>/<case>/<case>_seg.nii.gz``).
     ``model`` is an fp32 network in eval mode on ``device``.
 
-    Returns the uint8 mask on the input's grid and the stage times (``load_preprocess_s``,
-    ``inference_s``, ``invert_s``, ``write_s``, ``total_s``).
+    Returns the uint8 mask on the input's grid and the stage times (``read_s``: ``LoadImaged``
+    and ``EnsureChannelFirstd``; ``preprocess_s``: the other four; ``inference_s``, ``invert_s``
+    (``Invertd`` and ``AsDiscreted``), ``write_s``, ``total_s``).
     """
     from monai.inferers import sliding_window_inference
     from monai.transforms import AsDiscreted, Compose, Invertd, SaveImaged
@@ -305,8 +307,11 @@ def baseline_predict(
     save = SaveImaged(keys="pred", meta_keys="pred_meta_dict", output_dir=str(out_dir), output_postfix="seg", resample=False, print_log=False)
     t: dict[str, float] = {}
     t0 = time0 = time.perf_counter()
-    data = pre({"image": str(image_path)})
-    t["load_preprocess_s"] = time.perf_counter() - t0
+    data = Compose(pre.transforms[:2])({"image": str(image_path)})  # the same chain, timed in two parts
+    t["read_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    data = Compose(pre.transforms[2:])(data)
+    t["preprocess_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     with torch.no_grad():
         inputs = data["image"][None].to(device)
@@ -472,6 +477,23 @@ def _lcc(mask: np.ndarray) -> np.ndarray:
     return np.asarray(out.numpy() if hasattr(out, "numpy") else out, dtype=np.uint8)
 
 
+#: the stages of both pipelines, in order: file -> arrays, arrays -> the model's grid, the
+#: network, back to the input's grid (with the argmax / largest component), mask -> file
+STAGES = ("read", "preprocess", "network", "invert", "write")
+#: the agreement with the tutorial's masks the default path must reach on every case (issue 14)
+AGREEMENT_TARGET = 0.99
+
+
+def stage_times(t: dict[str, float]) -> dict[str, float]:
+    """A pipeline's stage times (:func:`baseline_predict`'s or :meth:`Predictor.predict_file`'s
+    keys) under the common names of :data:`STAGES`."""
+    if "invert_s" in t:  # the baseline
+        keys = ("read_s", "preprocess_s", "inference_s", "invert_s", "write_s")
+    else:
+        keys = ("load_s", "preprocess_s", "inference_s", "postprocess_s", "write_s")
+    return {name: float(t.get(k, float("nan"))) for name, k in zip(STAGES, keys)}
+
+
 def bench_end_to_end(
     model_path: str | Path,
     images: Sequence[str | Path],
@@ -484,6 +506,8 @@ def bench_end_to_end(
     progress: Callable[[str], None] | None = None,
     window: str = "auto",
     precision: str = "auto",
+    variants: Sequence[tuple[str, Any]] = (),
+    not_run: Sequence[dict[str, str]] = (),
 ) -> dict[str, Any]:
     """Whole files, the tutorial's pipeline (:func:`baseline_predict`) against the default path.
 
@@ -492,6 +516,11 @@ def bench_end_to_end(
     ``baseline_model`` default to ``Predictor.from_path(model_path)`` (the default path: torch,
     precision ``auto``; another ``window`` or ``precision`` measures that choice instead) and
     the checkpoint's fp32 network.
+
+    ``variants``: more ``(label, Predictor)`` pairs (another backend or precision), run in the
+    same alternation; every pipeline's mask is compared with the tutorial's, and the record's
+    ``agreement`` table has one row per backend and precision (``not_run``: rows that could not
+    run here, with their reason).
     """
     from .infer import Predictor
     from .io import load_nifti
@@ -524,11 +553,15 @@ def bench_end_to_end(
                 rec = predictor.predict_file(image, ours)
                 return rec["timings"]
 
+            extra = [(label, p, out_dir / f"{name}_v{j}.nii.gz") for j, (label, p) in enumerate(variants)]
             for _ in range(warmup):
                 run_baseline()
                 run_default()
+                for _, p, path in extra:
+                    p.predict_file(image, path)
             base_times, our_times, base_stages, our_stages = [], [], [], []
             base_mem, our_mem = [], []
+            extra_times: list[list[dict[str, float]]] = [[] for _ in extra]
             for i in range(repeats):
                 say(f"{image.name}: repeat {i + 1}/{repeats}, baseline")
                 with PeakMemory(cuda=dev.type == "cuda") as m:
@@ -542,9 +575,24 @@ def bench_end_to_end(
                 our_times.append(st["total_s"])
                 our_stages.append(st)
                 our_mem.append(m.record())
+                for (label, p, path), times in zip(extra, extra_times):
+                    say(f"{image.name}: repeat {i + 1}/{repeats}, {label}")
+                    times.append(p.predict_file(image, path)["timings"])
             if repeats == 0:
                 base_mask, _ = run_baseline()
+                run_default()
+                for (_, p, path), times in zip(extra, extra_times):
+                    times.append(p.predict_file(image, path)["timings"])
             our_mask = load_nifti(ours, what="mask", dtype=None).array.astype(np.uint8)
+            ref = _lcc(base_mask) if predictor.lcc else base_mask
+            others = []
+            for (label, p, path), times in zip(extra, extra_times):
+                m_ = load_nifti(path, what="mask", dtype=None).array.astype(np.uint8)
+                r_ = _lcc(base_mask) if p.lcc else base_mask
+                t_ = summarize_times([t["total_s"] for t in times])
+                others.append({"label": label, "backend": p.description, "median_s": t_["median_s"], "n": t_["n"],
+                               "stages_s": _median_stages([stage_times(t) for t in times]),
+                               "dice_agreement": _dice(r_, m_), "differing_voxels": int((r_ != m_).sum()), "spleen_voxels": int(m_.sum())})
             bs, os_ = summarize_times(base_times or [float("nan")]), summarize_times(our_times or [float("nan")])
             prep = None
             try:
@@ -566,16 +614,30 @@ def bench_end_to_end(
                     "window_plan": predictor.window_plan(tuple(prep)) if prep else None,
                     "baseline": {**bs, "stages_median_s": _median_stages(base_stages), "memory": _max_memory(base_mem), "spleen_voxels": int(base_mask.sum())},
                     "default": {**os_, "stages_median_s": _median_stages(our_stages), "memory": _max_memory(our_mem), "spleen_voxels": int(our_mask.sum())},
+                    # the same five stages for both pipelines (medians, seconds): STAGES
+                    "stages_s": {"baseline": _median_stages([stage_times(t) for t in base_stages]),
+                                 "default": _median_stages([stage_times(t) for t in our_stages])},
+                    "variants": others,
                     "speedup": bs["median_s"] / os_["median_s"] if os_["median_s"] > 0 else None,
                     # the same post-processing on both sides (the tutorial has no connected-component
                     # filter; the default path keeps the largest component): what differs is the pipeline
                     "dice_agreement": _dice(_lcc(base_mask) if predictor.lcc else base_mask, our_mask),
                     # against the tutorial's own output, post-processing difference included
                     "dice_agreement_raw": _dice(base_mask, our_mask),
-                    "differing_voxels": int(((_lcc(base_mask) if predictor.lcc else base_mask) != our_mask).sum()),
+                    "differing_voxels": int((ref != our_mask).sum()),
                 }
             )
     ratios = [c["speedup"] for c in cases if c["speedup"]]
+    agreement = [{"pipeline": "default", "backend": predictor.description, "default": True,
+                  "dice_by_case": {c["name"]: c["dice_agreement"] for c in cases},
+                  "speedup_by_case": {c["name"]: c["speedup"] for c in cases}}]
+    for j, (label, p) in enumerate(variants):
+        agreement.append({"pipeline": label, "backend": p.description, "default": False,
+                          "dice_by_case": {c["name"]: c["variants"][j]["dice_agreement"] for c in cases},
+                          "speedup_by_case": {c["name"]: c["baseline"]["median_s"] / c["variants"][j]["median_s"] for c in cases}})
+    for row in agreement:
+        row["dice_min"] = min(row["dice_by_case"].values()) if cases else None
+        row["meets_target"] = bool(cases) and row["dice_min"] >= AGREEMENT_TARGET
     return {
         "baseline": {
             "what": "MONAI spleen tutorial inference: LoadImaged, EnsureChannelFirstd, ScaleIntensityRanged, CropForegroundd, "
@@ -597,6 +659,11 @@ def bench_end_to_end(
         "repeats": repeats,
         "warmup": warmup,
         "cases": cases,
+        "stages": list(STAGES),
+        # one row per backend and precision: its masks against the tutorial's fp32 masks
+        "agreement": agreement,
+        "agreement_target": AGREEMENT_TARGET,
+        "agreement_not_run": list(not_run),
         "speedup_min": min(ratios) if ratios else None,
         "speedup_geomean": float(np.exp(np.mean(np.log(ratios)))) if ratios else None,
         "dice_agreement_min": min(c["dice_agreement"] for c in cases) if cases else None,
@@ -613,6 +680,95 @@ def _max_memory(records: list[dict]) -> dict[str, float]:
     if not records:
         return {}
     return {k: max(r[k] for r in records if r.get(k) is not None) for k in records[0] if any(r.get(k) is not None for r in records)}
+
+
+# ----------------------------------------------------------------------------------------------
+# (b') whole processes: start-up included
+
+
+def process_commands(model_path: str | Path, image: str | Path, out_dir: str | Path, onnx_path: str | Path | None = None) -> list[tuple[str, list[str]]]:
+    """``(label, argv)`` of each pipeline as one command, as a user runs it: the tutorial's
+    (``python -m spleen_utils.bench baseline``: import torch and MONAI, load the checkpoint,
+    :func:`baseline_predict`), ``spleen-seg predict`` on the checkpoint (the default path) and,
+    with ``onnx_path``, ``spleen-seg predict`` on the ONNX file (no torch, no MONAI)."""
+    py, out_dir = sys.executable, Path(out_dir)
+    cmds = [
+        ("baseline", [py, "-m", "spleen_utils.bench", "baseline", "--model", str(model_path), "--input", str(image), "--output-dir", str(out_dir / "baseline")]),
+        ("default", [py, "-m", "spleen_utils.cli", "predict", "--model", str(model_path), "--input", str(image), "--output", str(out_dir / "default.nii.gz")]),
+    ]
+    if onnx_path is not None:
+        cmds.append(("onnx", [py, "-m", "spleen_utils.cli", "predict", "--model", str(onnx_path), "--input", str(image), "--output", str(out_dir / "onnx.nii.gz")]))
+    return cmds
+
+
+def bench_processes(
+    model_path: str | Path,
+    image: str | Path,
+    onnx_path: str | Path | None = None,
+    repeats: int = 2,
+    warmup: int = 1,
+    threads: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Each pipeline as a whole process (:func:`process_commands`), start-up included: ``warmup``
+    untimed rounds, then ``repeats`` rounds that alternate the commands (the same machine load
+    for each); wall-clock medians and the ratio of the baseline's to each other's.
+    ``threads`` sets ``OMP_NUM_THREADS`` (PyTorch's intra-op threads) for every process."""
+    import subprocess
+
+    say = progress or (lambda s: None)
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(int(threads))
+    image = Path(image)
+    times: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="spleen-bench-proc-") as tmp:
+        cmds = process_commands(model_path, image, tmp, onnx_path)
+        for i in range(warmup + repeats):
+            for label, argv in cmds:
+                say(f"{image.name}: process {label}, round {i + 1}/{warmup + repeats}")
+                t0 = time.perf_counter()
+                r = subprocess.run(argv, env=env, capture_output=True, text=True)
+                dt_ = time.perf_counter() - t0
+                if r.returncode != 0:
+                    tail = (r.stderr.strip().splitlines() or ["no output"])[-1][:300]
+                    raise SpleenError(f"the {label} process failed on {image.name} (exit {r.returncode}): {tail}")
+                if i >= warmup:
+                    times.setdefault(label, []).append(dt_)
+    out: dict[str, Any] = {
+        "image": image.name,
+        "repeats": repeats,
+        "warmup": warmup,
+        "threads": threads,
+        "commands": {label: " ".join(Path(a).name if a == sys.executable else a for a in argv[1:3]) + " " + argv[3]
+                     for label, argv in process_commands(model_path, image, "OUT", onnx_path)},
+        "processes": {label: summarize_times(v) for label, v in times.items()},
+    }
+    base = out["processes"]["baseline"]["median_s"]
+    out["speedup"] = {label: base / v["median_s"] for label, v in out["processes"].items() if label != "baseline"}
+    return out
+
+
+def _baseline_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m spleen_utils.bench baseline --model M --input CT --output-dir D``: the tutorial's
+    inference as one process (what :func:`bench_processes` times against ``spleen-seg predict``)."""
+    import argparse
+
+    from .model import load_model
+
+    ap = argparse.ArgumentParser(prog="python -m spleen_utils.bench", description="the MONAI spleen tutorial's inference, one file, as a process")
+    ap.add_argument("what", choices=["baseline"])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--input", required=True)
+    ap.add_argument("--output-dir", required=True)
+    a = ap.parse_args(argv)
+    from .model import resolve_device
+
+    dev = resolve_device("auto")  # as the tutorial: the GPU when there is one
+    model, recipe, _ = load_model(a.model, dev)
+    mask, t = baseline_predict(model, a.input, a.output_dir, recipe, dev)
+    print(f"{Path(a.input).name}: {int(mask.sum())} spleen voxels ({t['total_s']:.1f} s)")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -638,8 +794,15 @@ def run_benchmark(
     patch: Sequence[int] | None = None,
     json_out: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
+    processes: bool = True,
+    process_image: str | Path | None = None,
+    process_repeats: int | None = None,
 ) -> dict[str, Any]:
     """(a) to (e) of the module docstring in one run; returns (and with ``json_out`` writes) the record.
+
+    ``processes``: also time each pipeline as a whole process (:func:`bench_processes`) on
+    ``process_image`` (default: the largest of ``images``), ``process_repeats`` rounds (default
+    ``repeats``).
 
     ``threads``: PyTorch's intra-op threads for the whole run, both pipelines alike (default:
     PyTorch's, one per core). On a machine whose cores other processes also use, fewer threads
@@ -659,6 +822,7 @@ def run_benchmark(
         return _run_benchmark(
             model_path, onnx_path, engine_path, images, device, repeats, warmup, patch_repeats, batch_sizes,
             patches, end_to_end, window, precision, export_onnx_if_missing, patch, json_out, progress,
+            processes, process_image, process_repeats, threads,
         )
     finally:
         torch.set_num_threads(before)
@@ -667,6 +831,7 @@ def run_benchmark(
 def _run_benchmark(
     model_path, onnx_path, engine_path, images, device, repeats, warmup, patch_repeats, batch_sizes,
     patches, end_to_end, window, precision, export_onnx_if_missing, patch, json_out, progress,
+    processes=False, process_image=None, process_repeats=None, threads=None,
 ) -> dict[str, Any]:
     from .model import file_sha256, read_checkpoint, resolve_device
 
@@ -693,15 +858,15 @@ def _run_benchmark(
     parts, done = int(bool(patches)) + int(bool(end_to_end)), 0
     report("benchmark", 0, parts, unit="part")
     with tempfile.TemporaryDirectory(prefix="spleen-bench-") as tmp:
-        if patches:
-            onnx_note = None
-            if onnx_path is None and export_onnx_if_missing:
-                from .export import export_onnx
+        onnx_note = None
+        if onnx_path is None and export_onnx_if_missing and (patches or end_to_end):
+            from .export import export_onnx
 
-                say("exporting the checkpoint to ONNX for the ONNX Runtime rows")
-                onnx_path = Path(tmp) / "model.onnx"
-                rep = export_onnx(model_path, onnx_path)
-                onnx_note = f"exported for this run (max |ORT - torch| {max(rep['max_abs_diff'].values()):.2g})"
+            say("exporting the checkpoint to ONNX for the ONNX Runtime rows")
+            onnx_path = Path(tmp) / "model.onnx"
+            rep = export_onnx(model_path, onnx_path)
+            onnx_note = f"exported for this run (max |ORT - torch| {max(rep['max_abs_diff'].values()):.2g})"
+        if patches:
             say("timing one patch per backend and batch size")
             record["patch"] = bench_patches(
                 model_path, onnx_path, engine_path, str(dev), batch_sizes, patch_repeats or max(repeats, 5), patch=patch
@@ -715,8 +880,23 @@ def _run_benchmark(
 
                 images = [Path(c["image"]) for c in real_cases()[0]]
             if images:
-                say("end to end: the tutorial's pipeline against the default path")
-                record["end_to_end"] = bench_end_to_end(model_path, images, str(dev), repeats=repeats, warmup=warmup, progress=progress, window=window, precision=precision)
+                say("end to end: the tutorial's pipeline against the default path and each other backend / precision")
+                variants, not_run = _end_to_end_variants(model_path, onnx_path, dev, window)
+                record["end_to_end"] = bench_end_to_end(model_path, images, str(dev), repeats=repeats, warmup=warmup, progress=progress,
+                                                        window=window, precision=precision, variants=variants, not_run=not_run)
+                if processes:
+                    from .io import load_nifti
+
+                    target = Path(process_image) if process_image else max(images, key=lambda f: int(np.prod(load_nifti(f).shape)))
+                    say(f"whole processes on {Path(target).name}: start-up included")
+                    proc = bench_processes(model_path, target, onnx_path, repeats=process_repeats or repeats, warmup=1, threads=threads, progress=progress)
+                    case = next((c for c in record["end_to_end"]["cases"] if c["file"] == Path(target).name), None)
+                    if case is not None:  # start-up: a process's time beyond the same work in a warm process
+                        proc["in_process_s"] = {"baseline": case["baseline"]["median_s"], "default": case["default"]["median_s"],
+                                                **{"onnx": v["median_s"] for v in case["variants"] if v["label"] == "onnx fp32"}}
+                        proc["startup_s"] = {k: proc["processes"][k]["median_s"] - v for k, v in proc["in_process_s"].items() if k in proc["processes"]}
+                        proc["speedup_beyond_startup"] = {k: proc["in_process_s"]["baseline"] / v for k, v in proc["in_process_s"].items() if k != "baseline"}
+                    record["end_to_end"]["whole_process"] = proc
             else:
                 record["end_to_end"] = {"skipped": "no images were given"}
             done += 1
@@ -725,6 +905,29 @@ def _run_benchmark(
     if json_out is not None:
         write_json(record, json_out)
     return record
+
+
+def _end_to_end_variants(model_path, onnx_path, dev: torch.device, window: str) -> tuple[list[tuple[str, Any]], list[dict[str, str]]]:
+    """The other backends and precisions timed end to end beside the default (torch fp32):
+    ONNX Runtime fp32 when there is an ONNX file; torch bf16 autocast where the CPU runs it natively
+    (fp16 on CUDA). The rest is listed with the reason it did not run."""
+    from .infer import Predictor
+    from .model import cpu_supports_bf16
+
+    variants: list[tuple[str, Any]] = []
+    not_run: list[dict[str, str]] = []
+    if onnx_path is not None:
+        variants.append(("onnx fp32", Predictor.from_path(onnx_path, backend="onnx", device="cpu" if dev.type == "cpu" else "auto", window=window)))
+    else:
+        not_run.append({"pipeline": "onnx fp32", "reason": "no ONNX file"})
+    if dev.type == "cuda":
+        variants.append(("torch fp16", Predictor.from_path(model_path, backend="torch", device=str(dev), precision="fp16", window=window)))
+        not_run.append({"pipeline": "torch bf16", "reason": "not measured on CUDA (fp16 is CUDA's half precision here)"})
+    elif cpu_supports_bf16():
+        variants.append(("torch bf16", Predictor.from_path(model_path, backend="torch", device="cpu", precision="bf16", window=window)))
+    else:
+        not_run.append({"pipeline": "torch bf16", "reason": "this CPU has no native bf16 (AVX512-BF16 or AMX): emulated, it would take minutes per volume"})
+    return variants, not_run
 
 
 def write_json(record: dict[str, Any], path: str | Path) -> Path:
@@ -748,6 +951,66 @@ def _json_default(o: Any):
 
 # ----------------------------------------------------------------------------------------------
 # reading it
+
+
+def stage_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per case and pipeline: the median seconds of each of :data:`STAGES` and their sum."""
+    rows = []
+    for c in record.get("end_to_end", {}).get("cases", []):
+        for who in ("baseline", "default"):
+            st = c.get("stages_s", {}).get(who)
+            if st:
+                rows.append({"case": c["name"], "pipeline": who, **{k: st[k] for k in STAGES}, "sum": sum(st[k] for k in STAGES)})
+    return rows
+
+
+def agreement_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per backend and precision: its masks' Dice with the tutorial's on each case, the
+    minimum, whether it meets :data:`AGREEMENT_TARGET`, and its speed-up per case."""
+    e = record.get("end_to_end", {})
+    rows = []
+    for a in e.get("agreement", []):
+        row = {"pipeline": a["pipeline"] + (" (the default)" if a["default"] else ""), "backend": a["backend"]}
+        row.update({f"Dice {k}": v for k, v in a["dice_by_case"].items()})
+        row["min Dice"] = a["dice_min"]
+        row[f">= {e.get('agreement_target', AGREEMENT_TARGET)}"] = "yes" if a["meets_target"] else "no"
+        row.update({f"speed-up {k}": v for k, v in a["speedup_by_case"].items()})
+        rows.append(row)
+    return rows
+
+
+def process_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per pipeline timed as a whole process: median wall time, the same work in a warm
+    process, the difference (start-up), and the baseline's time over each."""
+    w = record.get("end_to_end", {}).get("whole_process")
+    if not w:
+        return []
+    rows = []
+    for k, v in w["processes"].items():
+        rows.append({"pipeline": k, "command": w["commands"].get(k, ""), "process s": v["median_s"],
+                     "in a warm process s": w.get("in_process_s", {}).get(k), "start-up s": w.get("startup_s", {}).get(k),
+                     "speed-up, whole process": w["speedup"].get(k) if k != "baseline" else None,
+                     "speed-up, beyond start-up": w.get("speedup_beyond_startup", {}).get(k) if k != "baseline" else None})
+    return rows
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def _text_table(rows: list[dict[str, Any]], indent: str = "    ") -> list[str]:
+    if not rows:
+        return []
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    cells = [[_fmt(r.get(k)) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    out = [indent + "  ".join(k.ljust(w) for k, w in zip(keys, widths))]
+    out += [indent + "  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    return out
 
 
 def format_report(record: dict[str, Any]) -> str:
@@ -810,6 +1073,18 @@ def format_report(record: dict[str, Any]) -> str:
                 "Dice raw: against the tutorial's own output"
             )
             lines.append(f"    speedup: min {e['speedup_min']:.2f}x, geometric mean {e['speedup_geomean']:.2f}x; Dice agreement min {e['dice_agreement_min']:.4f}")
+            if stage_rows(record):
+                lines.append("    seconds per stage (medians):")
+                lines += _text_table(stage_rows(record), "      ")
+            if agreement_rows(record):
+                lines.append(f"    agreement with the tutorial's fp32 masks, per backend and precision (target: Dice >= {e.get('agreement_target')} on every case):")
+                lines += _text_table(agreement_rows(record), "      ")
+                for m in e.get("agreement_not_run", []):
+                    lines.append(f"      not run: {m['pipeline']}: {m['reason']}")
+            if process_rows(record):
+                w = e["whole_process"]
+                lines.append(f"    whole processes on {w['image']}, start-up included (median of {w['repeats']} alternating rounds after {w['warmup']}):")
+                lines += _text_table(process_rows(record), "      ")
     return "\n".join(lines)
 
 
@@ -854,6 +1129,23 @@ def report_markdown(record: dict[str, Any]) -> str:
         parts.append(f"Speed-up: at least {e['speedup_min']:.2f}×, geometric mean {e['speedup_geomean']:.2f}×; "
                      f"the two masks agree at Dice {e['dice_agreement_min']:.4f} or more"
                      + (" (largest component kept on both)." if e["default"]["lcc"] else "."))
+        if stage_rows(record):
+            parts.append("**Where the time goes**: median seconds per stage, the same five stages for both pipelines "
+                         "(read: file to array; preprocess: to the model's grid; network; invert: back to the scan's grid, "
+                         "argmax and largest component; write: the mask file).")
+            parts.append(markdown_table(stage_rows(record), floatfmt=".3g"))
+        if agreement_rows(record):
+            parts.append(f"**Agreement per backend and precision**: Dice of each pipeline's mask with the tutorial's fp32 "
+                         f"mask, per case (target {e.get('agreement_target')} on every case), and its speed-up.")
+            parts.append(markdown_table(agreement_rows(record), floatfmt=".4g"))
+            if e.get("agreement_not_run"):
+                parts.append("Not run here: " + "; ".join(f"{m['pipeline']} ({m['reason']})" for m in e["agreement_not_run"]) + ".")
+        if process_rows(record):
+            w = e["whole_process"]
+            parts.append(f"**Whole processes** on `{w['image']}`, start-up included (imports, opening the model): median of "
+                         f"{w['repeats']} alternating rounds after {w['warmup']}. Start-up is the process's time beyond the same "
+                         "work in a warm process (the end-to-end table above).")
+            parts.append(markdown_table(process_rows(record), floatfmt=".3g"))
     return "\n\n".join(parts)
 
 
@@ -862,7 +1154,9 @@ def plot_benchmark(record: dict[str, Any]):
     import matplotlib.pyplot as plt
 
     has_e2e = bool(record.get("end_to_end", {}).get("cases"))
-    fig, axes = plt.subplots(1, 2 if has_e2e else 1, figsize=(12 if has_e2e else 6.5, 4.2), squeeze=False)
+    has_stages = bool(stage_rows(record))
+    n = 1 + int(has_e2e) + int(has_stages)
+    fig, axes = plt.subplots(1, n, figsize=(6.0 * n, 4.2), squeeze=False)
     ax = axes[0, 0]
     rows = record.get("patch", {}).get("rows", [])
     labels = list(dict.fromkeys((r["backend"], r["precision"], r["device"]) for r in rows))  # first-seen order
@@ -895,9 +1189,27 @@ def plot_benchmark(record: dict[str, Any]):
         ax.set_title("end to end, whole CT")
         ax.set_ylim(0, max(b) * 1.3)
         ax.legend(fontsize=8, loc="upper right")
+    if has_stages:
+        ax = axes[0, -1]
+        rows = stage_rows(record)
+        ys = np.arange(len(rows))
+        left = np.zeros(len(rows))
+        for k in STAGES:
+            v = np.array([r[k] for r in rows])
+            ax.barh(ys, v, left=left, label=k)
+            left += v
+        ax.set_yticks(ys, [f"{r['case']}\n{r['pipeline']}" for r in rows], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("seconds (median per stage)")
+        ax.set_title("where the time goes")
+        ax.legend(fontsize=7, loc="lower right")
     hw = record.get("hardware", {})
     where = hw.get("gpu") or f"{hw.get('cpu')}, {hw.get('cpu_cores')} cores"
     threads = record.get("settings", {}).get("torch_threads", hw.get("torch_threads"))
     fig.suptitle(f"spleen UNet inference on {where}, {threads} PyTorch thread(s) ({record.get('date', '')[:10]})", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+if __name__ == "__main__":
+    sys.exit(_baseline_main())

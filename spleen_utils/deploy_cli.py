@@ -119,6 +119,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
         patch=a.patch,
         json_out=a.json,
         progress=_progress(a.quiet),
+        processes=not a.no_processes and not a.no_end_to_end,
+        process_image=a.process_image,
+        process_repeats=a.process_repeats,
     )
     print(format_report(rec))
     if a.json:
@@ -201,6 +204,9 @@ def register(sub) -> None:
     b.add_argument("--threads", type=_positive_int, help="PyTorch threads for the whole run, both pipelines alike (default: one per core)")
     b.add_argument("--no-patch", action="store_true", help="skip the per-patch part")
     b.add_argument("--no-end-to-end", action="store_true", help="skip the whole-CT part")
+    b.add_argument("--no-processes", action="store_true", help="skip timing each pipeline as a whole process (start-up included)")
+    b.add_argument("--process-image", help="the CT timed as whole processes (default: the largest of --images)")
+    b.add_argument("--process-repeats", type=_positive_int, help="timed rounds of whole processes (default: --repeats)")
     b.add_argument("--window", choices=["auto", "whole", "sliding"], default="auto", help="the default path's window policy (default: auto, the Predictor's)")
     b.add_argument("--precision", choices=PRECISIONS, default="auto", help="the default path's precision (default: auto, the Predictor's: fp32)")
     b.add_argument("--json", help="write the record here")

@@ -94,7 +94,7 @@ def test_peak_memory_sees_an_allocation():
 def test_baseline_is_the_tutorial_pipeline_and_agrees_with_the_default_path(files, tmp_path):
     _, _, image = files
     base, t = baseline_predict(BoxNet().eval(), image, tmp_path / "base", Recipe())
-    assert set(t) == {"load_preprocess_s", "inference_s", "invert_s", "write_s", "total_s"}
+    assert set(t) == {"read_s", "preprocess_s", "inference_s", "invert_s", "write_s", "total_s"}
     written = tmp_path / "base" / "case" / "case_seg.nii.gz"  # SaveImaged's layout
     src, out = nib.load(str(image)), nib.load(str(written))
     assert out.shape == src.shape and np.allclose(out.affine, src.affine, atol=1e-4)
@@ -113,8 +113,16 @@ def test_end_to_end_record(files, tmp_path):
     assert case["dice_agreement"] >= 0.99 and case["dice_agreement"] == case["dice_agreement_raw"]  # no LCC on either side
     assert case["differing_voxels"] <= 0.01 * case["baseline"]["spleen_voxels"]
     assert case["baseline"]["spleen_voxels"] > 100
-    assert {"load_preprocess_s", "inference_s", "invert_s", "write_s"} <= set(case["baseline"]["stages_median_s"])
+    assert {"read_s", "preprocess_s", "inference_s", "invert_s", "write_s"} <= set(case["baseline"]["stages_median_s"])
     assert {"preprocess_s", "inference_s", "postprocess_s", "write_s", "load_s"} <= set(case["default"]["stages_median_s"])
+    # the same five stages for both pipelines, each a positive time that adds up to no more than the whole
+    for who in ("baseline", "default"):
+        st = case["stages_s"][who]
+        assert list(st) == ["read", "preprocess", "network", "invert", "write"] and all(v > 0 for v in st.values())
+        assert sum(st.values()) <= case[who]["median_s"] * 1.01
+    assert rec["stages"] == ["read", "preprocess", "network", "invert", "write"]
+    (row,) = rec["agreement"]  # no variants given: the default's row only
+    assert row["default"] and row["dice_min"] == case["dice_agreement"] and row["meets_target"] == (case["dice_agreement"] >= 0.99)
     assert case["baseline"]["memory"]["peak_rss_mb"] > 0
     assert rec["baseline"]["roi"] == [160, 160, 160] and rec["baseline"]["precision"] == "fp32"
 
@@ -123,7 +131,7 @@ def test_run_benchmark_writes_the_record(files, tmp_path):
     model, onnx_path, image = files
     out = tmp_path / "bench.json"
     rec = run_benchmark(model, onnx_path=onnx_path, images=[image], device="cpu", repeats=1, warmup=0, patch_repeats=2, batch_sizes=(1, 2),
-                        patch=(32, 32, 32), threads=torch.get_num_threads(), json_out=out)
+                        patch=(32, 32, 32), threads=torch.get_num_threads(), json_out=out, process_repeats=1)
     doc = json.loads(out.read_text())
     assert doc["format"] == BENCH_FORMAT and doc == json.loads(json.dumps(rec, default=str))
     assert {"date", "hardware", "versions", "model", "settings", "patch", "end_to_end"} <= set(doc)
@@ -141,17 +149,35 @@ def test_run_benchmark_writes_the_record(files, tmp_path):
     assert any(m["backend"] == "tensorrt" for m in p["unavailable"])  # listed with its reason
     e = doc["end_to_end"]
     assert len(e["cases"]) == 1 and e["cases"][0]["speedup"] > 0 and 0 <= e["dice_agreement_min"] <= 1
+    # every backend / precision measured has its agreement with the tutorial's masks; the rest says why not
+    pipelines = {a["pipeline"]: a for a in e["agreement"]}
+    assert set(pipelines) == {"default", "onnx fp32"} and pipelines["default"]["default"] and not pipelines["onnx fp32"]["default"]
+    assert "fp32" in pipelines["default"]["backend"]  # precision auto is fp32
+    for a in e["agreement"]:
+        assert set(a["dice_by_case"]) == {"case"} and 0 <= a["dice_min"] <= 1 and a["meets_target"] == (a["dice_min"] >= 0.99)
+    # torch fp32 and ONNX Runtime fp32 compute the same network: their masks agree with the tutorial's alike
+    assert abs(pipelines["onnx fp32"]["dice_min"] - pipelines["default"]["dice_min"]) < 0.01
+    if not hw["cpu_bf16_native"]:
+        assert any(m["pipeline"] == "torch bf16" for m in e["agreement_not_run"])
+    # whole processes, start-up included, side by side
+    w = e["whole_process"]
+    assert set(w["processes"]) == {"baseline", "default", "onnx"} and w["image"] == "case.nii.gz"
+    assert all(v["n"] == 1 and v["median_s"] > 0 for v in w["processes"].values())
+    assert set(w["speedup"]) == {"default", "onnx"} and set(w["speedup_beyond_startup"]) == {"default", "onnx"}
+    assert all(w["processes"][k]["median_s"] > w["in_process_s"][k] * 0.5 for k in w["in_process_s"])
     text = format_report(doc)
     assert "end to end" in text and "onnx" in text and "speedup" in text
+    assert "seconds per stage" in text and "whole processes" in text and "agreement with the tutorial" in text
     md = report_markdown(doc)  # what notebook 08 shows: tables, not fixed-width text
-    assert sum(line.startswith("|---") for line in md.splitlines()) == 2 and "| onnx | fp32 |" in md
+    # patch, end to end, stages, agreement, whole processes
+    assert sum(line.startswith("|---") for line in md.splitlines()) == 5 and "| onnx | fp32 |" in md
     assert any(line.startswith("Not run here:") and "tensorrt" in line for line in md.splitlines())
     assert max(len(line) for line in md.splitlines() if not line.startswith("|")) < 1200  # prose wraps in a page
     import matplotlib
 
     matplotlib.use("Agg")
     fig = plot_benchmark(doc)
-    assert len(fig.axes) == 2
+    assert len(fig.axes) == 3  # per patch, end to end, per stage
 
 
 def test_agreement_filters_a_copy():
