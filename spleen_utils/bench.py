@@ -1149,6 +1149,32 @@ def report_markdown(record: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+#: issue 14's targets on a full-resolution CT: the default path against the tutorial's pipeline
+TARGETS = {"beyond start-up": 8.0, "whole process": 3.0}
+
+
+def targets_markdown(record: dict[str, Any]) -> str:
+    """Whether the record meets :data:`TARGETS` and :data:`AGREEMENT_TARGET`, in sentences with
+    the measured numbers (met or not: a target missed is said so)."""
+    e = record.get("end_to_end", {})
+    out = []
+    for a in e.get("agreement", []):
+        worst = min(a["dice_by_case"], key=a["dice_by_case"].get) if a["dice_by_case"] else None
+        out.append(f"- Agreement, {a['pipeline']} ({a['backend']}): lowest Dice {a['dice_min']:.4f} ({worst}) "
+                   f"against the target {e['agreement_target']} on every case: **{'met' if a['meets_target'] else 'not met'}**.")
+    w = e.get("whole_process")
+    if w:
+        shape = next((c["shape"] for c in e.get("cases", []) if c["file"] == w["image"]), None)
+        where = f"`{w['image']}`" + (f" ({'×'.join(map(str, shape))} voxels)" if shape else "")
+        for k in [k for k in w["speedup"] if k in w.get("speedup_beyond_startup", {})]:
+            b, p = w["speedup_beyond_startup"][k], w["speedup"][k]
+            out.append(f"- Speed, {k} on {where}: {b:.2f}× beyond start-up (target {TARGETS['beyond start-up']:g}×: "
+                       f"**{'met' if b >= TARGETS['beyond start-up'] else 'not met'}**) and {p:.2f}× as whole processes "
+                       f"(target {TARGETS['whole process']:g}×: **{'met' if p >= TARGETS['whole process'] else 'not met'}**); "
+                       f"start-up {w['startup_s'][k]:.1f} s against the baseline's {w['startup_s']['baseline']:.1f} s.")
+    return "\n".join(out) if out else "No end-to-end measurement in this record."
+
+
 def plot_benchmark(record: dict[str, Any]):
     """A matplotlib figure: per-patch latency by backend and batch, and end-to-end times."""
     import matplotlib.pyplot as plt
