@@ -112,12 +112,40 @@ def run_ablation(record: Path = DEFAULT_RECORD, root: Path | None = None, progre
                      "real": real, "seconds": round(time.perf_counter() - t0, 1)})
     out = {"what": "quick-profile ablation: real-CT Dice as the training data gain one ingredient at a time",
            "command": "spleen-seg ablation", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "hardware": hardware(torch.device("cpu")), "steps": rows}
+           "hardware": hardware(torch.device("cpu")), "quick_profile": profile_settings(), "steps": rows}
     record = Path(record)
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(out, indent=2) + "\n")
     log(f"record: {record}")
     return out
+
+
+#: the quick profile's settings an ablation depends on (its commands change meaning with them)
+PROFILE_KEYS = ("epochs", "synthetic_cases", "labelmap_cases", "val_per_source", "real_train", "real_repeats",
+                "appearance_prob", "wild", "lr_schedule", "loss")
+
+
+def profile_settings(cfg: Config | None = None) -> dict[str, Any]:
+    """The settings of the ``quick`` profile (or ``cfg``) that the ablation's commands inherit."""
+    cfg = cfg or get_config("quick")
+    d = cfg.to_dict()
+    r = d["recipe"]
+    return {**{k: d[k] for k in PROFILE_KEYS}, "patch_size": r["patch_size"], "num_samples": r["num_samples"],
+            "pixdim": r["pixdim"], "learning_rate": r["learning_rate"]}
+
+
+def stale_note(record: dict[str, Any]) -> str | None:
+    """A sentence when ``record`` was measured with other quick-profile settings than today's."""
+    then, now = record.get("quick_profile"), profile_settings()
+    if then == now:
+        return None
+    if then is None:
+        return ("This record predates today's quick profile (it stores no settings; it was measured with 5 cases "
+                "per label map and 50 epochs): its commands now train other models, and its last row is not the "
+                "model of notebook 02. `spleen-seg ablation` measures it again.")
+    diff = ", ".join(f"{k} {then.get(k)!r} then, {now.get(k)!r} now" for k in now if then.get(k) != now.get(k))
+    return (f"Measured with other quick-profile settings than today's ({diff}): its commands now train other "
+            "models, and its last row is not the model of notebook 02. `spleen-seg ablation` measures it again.")
 
 
 def table(record: dict[str, Any]) -> list[dict[str, Any]]:
@@ -147,6 +175,9 @@ def markdown(path: Path = DEFAULT_RECORD) -> str:
              f"by `{record['command']}`. The real scans, as the last row used them (the rows above train on no real "
              f"scan): {roles}. The commands, one per row:", ""]
     lines += [f"{k}. `{s['command']}`" for k, s in enumerate(record["steps"], start=1)]
+    note = stale_note(record)
+    if note:
+        lines += ["", f"**Note.** {note}"]
     return "\n".join(lines)
 
 

@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quick (default): CPU minutes on generated CT + shipped real scans; full: MSD Task09 on a GPU")
     t.add_argument("--data", help="dataset folder in MSD layout (default: the profile's under data/)")
     t.add_argument("--out", help="run folder (default: outputs/runs/<profile>)")
-    t.add_argument("--epochs", type=int, help="epochs to train (default: the profile's, 50 quick / 600 full)")
+    t.add_argument("--epochs", type=int, help="epochs to train (default: the profile's, 28 quick / 600 full)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last.pt")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"])
     t.add_argument("--val-interval", type=int, help="validate every N epochs")

@@ -42,3 +42,19 @@ def test_markdown_reads_the_record_or_says_it_is_missing(tmp_path):
     md = ablation.markdown(tmp_path / "a.json")
     assert "| phantoms only |" in md and "0.100" in md and "1. `spleen-seg train --profile quick --epochs 10`" in md
     assert "Measured on 2026-11-28" in md and "`ircad_1`: never trained on, manual label" in md
+
+
+def test_a_record_of_other_profile_settings_says_so(tmp_path):
+    base = {"command": "spleen-seg ablation", "date": "2026-11-28T09:00:00+00:00", "hardware": {"cpu": "X", "cpu_count": 2},
+            "steps": [{"adds": "phantoms only", "epochs": 10, "optimizer_steps": 40, "best_val_dice": 0.9,
+                       "command": "spleen-seg train --profile quick --epochs 10",
+                       "real": {"ircad_1": {"dice": 0.1, "role": "never trained on", "label_source": "manual"}}}]}
+    now = ablation.profile_settings()
+    assert ablation.stale_note({**base, "quick_profile": now}) is None
+    (tmp_path / "same.json").write_text(json.dumps({**base, "quick_profile": now}))
+    assert "**Note.**" not in ablation.markdown(tmp_path / "same.json")
+    older = {**now, "labelmap_cases": now["labelmap_cases"] + 3}
+    (tmp_path / "older.json").write_text(json.dumps({**base, "quick_profile": older}))
+    md = ablation.markdown(tmp_path / "older.json")
+    assert "**Note.**" in md and f"labelmap_cases {older['labelmap_cases']!r} then, {now['labelmap_cases']!r} now" in md
+    assert "predates" in ablation.stale_note(base)  # a record that stores no settings
