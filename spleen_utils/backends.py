@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # annotations only: importing this module must not import tor
     import torch
 
 #: the ONNX file's contract, read without importing the exporter (which imports torch);
-#: :mod:`spleen_utils.export` writes the same names (a test holds the two equal)
+#: the ONNX file contract, defined here (no torch needed to read it); :mod:`spleen_utils.export` imports it
 ONNX_FORMAT = "spleen_utils.onnx/1"
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
@@ -36,8 +36,10 @@ ONNX_REQUIRED_KEYS = ("spleen_utils.format", "recipe", "network", "labels", "sou
 
 
 def parse_onnx_metadata(props: Mapping[str, str], source: str | Path = "model") -> dict[str, Any]:
-    """The string metadata of a spleen_utils ONNX model, decoded and validated (as
-    :func:`spleen_utils.export.parse_metadata`, without importing torch)."""
+    """The string metadata of a spleen_utils ONNX model (from onnx or an ORT session), decoded and
+    validated: ``{"format", "recipe", "network", "labels", "source_checkpoint_sha256", "versions",
+    "opset", "exporter", ...}`` with the JSON values decoded and ``opset`` an int. Torch-free;
+    :mod:`spleen_utils.export` uses it as ``parse_metadata``."""
     fmt = props.get("spleen_utils.format")
     if fmt is None:
         raise SpleenError(

@@ -83,17 +83,18 @@ from .errors import SpleenError
 from .io import atomic_path, temp_beside
 from .model import file_sha256, library_versions, load_model
 
-ONNX_FORMAT = "spleen_utils.onnx/1"
-INPUT_NAME = "input"
-OUTPUT_NAME = "output"
+# the file contract (names, metadata keys and their parser) is defined once, in the torch-free
+# backends module that reads it; the exporter writes what it declares
+from .backends import INPUT_NAME, ONNX_FORMAT, OUTPUT_NAME
+from .backends import ONNX_JSON_KEYS as JSON_KEYS  # metadata keys whose values are JSON
+from .backends import ONNX_REQUIRED_KEYS as REQUIRED_KEYS
+from .backends import parse_onnx_metadata as parse_metadata
+
 DEFAULT_OPSET = 18
 #: the lowest opset the dynamo exporter implements; below it the TorchScript exporter is used
 DYNAMO_MIN_OPSET = 18
 #: the largest |ONNX Runtime - PyTorch| logit difference an export may show
 TOLERANCE = 1e-4
-#: metadata keys whose values are JSON
-JSON_KEYS = ("recipe", "network", "labels", "versions", "source_checkpoint")
-REQUIRED_KEYS = ("spleen_utils.format", "recipe", "network", "labels", "source_checkpoint_sha256", "versions", "opset", "exporter")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,40 +164,6 @@ def _metadata(ckpt_path: Path, ckpt: dict[str, Any], recipe: Recipe, opset: int,
         "opset": str(int(opset)),
         "exporter": exporter,
     }
-
-
-def parse_metadata(props: Mapping[str, str], source: str | Path = "model") -> dict[str, Any]:
-    """Parse the string metadata of a spleen_utils ONNX model (from onnx or an ORT session).
-
-    Returns ``{"format", "recipe", "network", "labels", "source_checkpoint_sha256", "versions",
-    "opset", "exporter", ...}`` with the JSON values decoded and ``opset`` an int.
-    """
-    fmt = props.get("spleen_utils.format")
-    if fmt is None:
-        raise SpleenError(
-            f"{source}: an ONNX model without spleen_utils metadata; export it with spleen_utils.export.export_onnx "
-            "so that it carries its recipe."
-        )
-    if fmt != ONNX_FORMAT:
-        raise SpleenError(f"{source}: spleen_utils ONNX format {fmt!r} is not the one this version reads ({ONNX_FORMAT}).")
-    missing = [k for k in REQUIRED_KEYS if k not in props]
-    if missing:
-        raise SpleenError(f"{source}: the spleen_utils metadata lacks {', '.join(missing)}; export the model again.")
-    out: dict[str, Any] = {"format": fmt}
-    for k, v in props.items():
-        if k == "spleen_utils.format":
-            continue
-        if k in JSON_KEYS:
-            try:
-                out[k] = json.loads(v)
-            except json.JSONDecodeError:
-                raise SpleenError(f"{source}: the metadata entry {k!r} is not valid JSON; export the model again.") from None
-        elif k == "opset":
-            out[k] = int(v)
-        else:
-            out[k] = v
-    Recipe.from_model(out.get("recipe"), str(source))  # a recipe read from a file is validated
-    return out
 
 
 def _load_onnx(path: Path):
