@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Protocol
@@ -68,12 +69,9 @@ def parse_onnx_metadata(props: Mapping[str, str], source: str | Path = "model") 
     return out
 
 
-def _spatial_multiple(recipe: Recipe) -> int:
+def spatial_multiple(recipe: Recipe) -> int:
     """Spatial sizes the network accepts are multiples of this (product of the strides: 16)."""
-    out = 1
-    for s in recipe.strides:
-        out *= int(s)
-    return out
+    return int(math.prod(int(s) for s in recipe.strides))
 
 
 class Device:
@@ -207,7 +205,7 @@ class OnnxBackend:
         if INPUT_NAME not in names_in or OUTPUT_NAME not in names_out:
             raise SpleenError(f"{model_path}: expected tensors {INPUT_NAME!r} -> {OUTPUT_NAME!r}, found {names_in} -> {names_out}.")
         self._input, self._output = INPUT_NAME, OUTPUT_NAME
-        self._multiple = _spatial_multiple(self.recipe)
+        self._multiple = spatial_multiple(self.recipe)
 
     def __call__(self, x):
         import numpy as np
@@ -245,7 +243,7 @@ class TensorRTBackend:
     def __init__(self, engine_path: str | Path, device: str = "cuda"):
         import torch
 
-        from .export import read_engine_sidecar, spatial_multiple, tensorrt_available
+        from .export import read_engine_sidecar, tensorrt_available
         from .model import resolve_device
 
         engine_path = Path(engine_path)

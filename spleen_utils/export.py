@@ -66,7 +66,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import shlex
 import time
@@ -89,6 +88,7 @@ from .backends import INPUT_NAME, ONNX_FORMAT, OUTPUT_NAME
 from .backends import ONNX_JSON_KEYS as JSON_KEYS  # metadata keys whose values are JSON
 from .backends import ONNX_REQUIRED_KEYS as REQUIRED_KEYS
 from .backends import parse_onnx_metadata as parse_metadata
+from .backends import spatial_multiple
 
 DEFAULT_OPSET = 18
 #: the lowest opset the dynamo exporter implements; below it the TorchScript exporter is used
@@ -99,11 +99,6 @@ TOLERANCE = 1e-4
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-
-def spatial_multiple(recipe: Recipe) -> int:
-    """Spatial sizes the network accepts are multiples of this (product of the strides: 16)."""
-    return int(math.prod(int(s) for s in recipe.strides))
 
 
 @contextlib.contextmanager
