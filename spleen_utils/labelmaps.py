@@ -21,7 +21,7 @@ The patient's left-right is never flipped (the spleen is on the left in every re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -91,6 +91,15 @@ class Anatomy:
     tissues: np.ndarray  # uint8 tissue codes, _UNLABELLED inside the body where nothing is drawn
     affine: np.ndarray
     name: str
+    #: what every case of this anatomy computes alike (the organs' hull, distance maps), kept after
+    #: the first case: the tissues must not change meanwhile
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def remember(self, key: str, make):
+        """``make()`` computed once per anatomy (it must not depend on a case's random draws)."""
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
 
     @property
     def spacing(self) -> np.ndarray:
@@ -116,23 +125,37 @@ def _bbox(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.array([i[0] for i in idx]), np.array([i[-1] + 1 for i in idx])
 
 
-def _fill_body(t: np.ndarray, spacing: np.ndarray, rng: np.random.Generator, sparse: bool) -> np.ndarray:
-    """Body outline, subcutaneous fat, wall muscle and the unlabelled inside, slice by slice."""
+def _organ_hull(labelled: np.ndarray) -> np.ndarray:
+    """The labelled voxels' convex hull, slice by slice (a slice with almost none takes the last hull)."""
     from skimage.morphology import convex_hull_image
 
-    labelled = t != _UNLABELLED
-    fat_mm = float(rng.uniform(8, 35)) + (float(rng.uniform(15, 35)) if sparse else 0.0)
-    wall_mm = float(rng.uniform(6, 14))
-    body = np.zeros(t.shape, bool)
+    body = np.zeros(labelled.shape, bool)
     hull_prev = None
-    for k in range(t.shape[2]):
+    for k in range(labelled.shape[2]):
         sl = labelled[:, :, k]
         if sl.sum() > 20:
             hull_prev = convex_hull_image(sl)
         if hull_prev is not None:
             body[:, :, k] = hull_prev
-    # the body: the organs' hull grown by the fat; distance to the outside gives the layers
-    outside_dist = ndimage.distance_transform_edt(~body, sampling=spacing)
+    return body
+
+
+def _fill_body(t: np.ndarray, spacing: np.ndarray, rng: np.random.Generator, sparse: bool,
+               anatomy: Anatomy | None = None) -> np.ndarray:
+    """Body outline, subcutaneous fat, wall muscle and the unlabelled inside, slice by slice.
+
+    ``anatomy`` (whose tissues ``t`` derives from, labelled where they are): the distance to the
+    organs' hull is computed once per anatomy instead of once per case.
+    """
+    labelled = t != _UNLABELLED
+    fat_mm = float(rng.uniform(8, 35)) + (float(rng.uniform(15, 35)) if sparse else 0.0)
+    wall_mm = float(rng.uniform(6, 14))
+
+    def hull_distance() -> np.ndarray:
+        # the body: the organs' hull grown by the fat; distance to the outside gives the layers
+        return ndimage.distance_transform_edt(~_organ_hull(labelled), sampling=spacing)
+
+    outside_dist = hull_distance() if anatomy is None else anatomy.remember("hull_distance", hull_distance)
     body_out = outside_dist <= fat_mm + wall_mm
     depth = np.zeros(t.shape, np.float32)
     for k in range(t.shape[2]):
@@ -151,25 +174,32 @@ def _fill_body(t: np.ndarray, spacing: np.ndarray, rng: np.random.Generator, spa
     return out
 
 
-def _details(t: np.ndarray, spacing: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """What label maps do not draw: medulla, stomach content and gas, bowel gas, bone cortex."""
+def _details(t: np.ndarray, spacing: np.ndarray, rng: np.random.Generator, anatomy: Anatomy | None = None) -> np.ndarray:
+    """What label maps do not draw: medulla, stomach content and gas, bowel gas, bone cortex.
+
+    ``anatomy`` (whose tissues ``t`` are): each structure's depth map is computed once per anatomy.
+    """
     out = t.copy()
     for tissue, inner_tissue, depth_mm in ((ap.KIDNEY_CORTEX, ap.KIDNEY_MEDULLA, rng.uniform(3.5, 6.5)),
                                            (ap.STOMACH_WALL, ap.STOMACH_CONTENT, rng.uniform(3, 5)),
                                            (ap.BONE_CANCELLOUS, ap.BONE_CANCELLOUS, 0.0),
                                            (ap.RIB_CORTEX, ap.RIB_MARROW, rng.uniform(1.5, 2.5))):
-        m = t == tissue
-        if not m.any():
+        def depth(tissue=tissue):  # (box, mask in it, distance from its surface), or None when absent
+            m = t == tissue
+            if not m.any():
+                return None
+            lo, hi = _bbox(m)
+            box = tuple(slice(max(a - 2, 0), b + 2) for a, b in zip(lo, hi))
+            return box, m[box], ndimage.distance_transform_edt(m[box], sampling=spacing)
+
+        found = depth() if anatomy is None else anatomy.remember(f"depth:{tissue}", depth)
+        if found is None:
             continue
-        lo, hi = _bbox(m)
-        box = tuple(slice(max(a - 2, 0), b + 2) for a, b in zip(lo, hi))
-        sub = m[box]
+        box, sub, d = found
         if tissue == ap.BONE_CANCELLOUS:  # a 1.5-2.5 mm cortex around cancellous bone
-            d = ndimage.distance_transform_edt(sub, sampling=spacing)
             view = out[box]
             view[sub & (d <= rng.uniform(1.5, 2.5))] = ap.BONE_CORTEX
             continue
-        d = ndimage.distance_transform_edt(sub, sampling=spacing)
         view = out[box]
         view[sub & (d > depth_mm)] = inner_tissue
     # gas: the anterior part of the stomach's content (supine), pockets in bowel and colon
@@ -191,8 +221,8 @@ def prepare_anatomy(anatomy: Anatomy, rng: np.random.Generator, sparse: bool | N
     t = anatomy.tissues
     if sparse is None:
         sparse = int((t == ap.MUSCLE).sum()) == 0
-    t = _details(t, anatomy.spacing, rng)
-    t = _fill_body(t, anatomy.spacing, rng, sparse)
+    t = _details(t, anatomy.spacing, rng, anatomy)
+    t = _fill_body(t, anatomy.spacing, rng, sparse, anatomy)
     return Anatomy(t, anatomy.affine, anatomy.name)
 
 

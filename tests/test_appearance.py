@@ -99,6 +99,17 @@ def test_label_map_case_keeps_real_anatomy_and_is_deterministic(anatomy):
     assert c.image.shape != a.image.shape or not np.array_equal(c.image, a.image)
 
 
+def test_what_an_anatomy_remembers_does_not_change_its_cases(anatomy):
+    """The hull and depth maps kept after the first case give the cases a fresh anatomy gives."""
+    warm = labelmaps.Anatomy(anatomy.tissues, anatomy.affine, anatomy.name)
+    labelmaps.make_case(warm, 3)  # fills the memo
+    assert {"hull_distance", f"depth:{ap.BONE_CANCELLOUS}"} <= set(warm.memo)
+    for seed in (4, 5):
+        fresh = labelmaps.Anatomy(anatomy.tissues.copy(), anatomy.affine, anatomy.name)
+        a, b = labelmaps.make_case(warm, seed), labelmaps.make_case(fresh, seed)
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.tissues, b.tissues)
+
+
 def test_label_map_without_spleen_is_refused(tmp_path):
     import nibabel as nib
 
