@@ -166,7 +166,7 @@ def markdown(path: Path = DEFAULT_RECORD) -> str:
 
     path = Path(path)
     if not path.exists():
-        return f"*The ablation has not been run here (no `{path.name}`): `spleen-seg ablation` runs it (about 40 min on 2 CPU cores).*"
+        return f"*The ablation has not been run here (no `{path.name}`): `spleen-seg ablation` runs it (about 30 min on 2 CPU cores, 40 without a finished quick run to reuse).*"
     record = json.loads(path.read_text())
     hw = record.get("hardware") or {}
     roles = "; ".join(f"`{n}`: {v['role']}, {v['label_source']} label" for n, v in record["steps"][-1]["real"].items())
