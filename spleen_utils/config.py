@@ -225,8 +225,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     # one training + `spleen-seg predict` on the original grids (ircad_1 / totalseg_ct_3mm held out /
     # msd_spleen_8 trained on): 5 cases per map, 50 epochs: 0.783 / 0.899 / 0.845; 10 cases, 28
     # epochs: 0.859 / 0.919 / 0.833, and ircad_1 0.857-0.859 under sliding windows of 80-128^3
-    # (0.80-0.84 with 5 cases); with seed 1 (other data, other training stream) 0.817 / 0.908 / 0.891:
-    # runs differ by several Dice points per scan, and the gain is on average, not for every seed.
+    # (0.80-0.84 with 5 cases); with seed 1 (other data, other training stream) 0.817 / 0.908 / 0.891,
+    # with seed 2 0.858 / 0.923 / 0.843 (training 558 s): runs differ by several Dice points per
+    # scan, and the gain is on average, not for every seed.
     # What did not help, same 5 cases: 80^3 crops x1 (same voxels per step: 0.827 / 0.899 / 0.448),
     # 96^3 crops x1 for 40 epochs (0.783 / 0.895 / 0.296), 70 epochs of 80^3 (0.815 / 0.886 /
     # 0.161), Dice + cross-entropy (0.812 / 0.917 / 0.738).
@@ -236,7 +237,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # scans never trained on, but msd_spleen_8, 7.5 mm slice spacing, a 756 mL spleen at 137-181
     # HU, lost half its spleen); plus portal-venous spleens up to 185 HU: 0.856 / 0.000 (the urinary bladder
     # marked as the largest component) / 0.796 and 0.836 / 0.924 / 0.791. Ten cases keep the best
-    # worst case (0.817 over both seeds and all three scans).
+    # worst case (0.817 over three seeds and all three scans).
     "quick": dict(
         dataset="Synthetic_Spleen",
         pixdim=(3.0, 3.0, 4.0),
