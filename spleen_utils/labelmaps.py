@@ -140,13 +140,13 @@ def _organ_hull(labelled: np.ndarray) -> np.ndarray:
     return body
 
 
-def _fill_body(t: np.ndarray, spacing: np.ndarray, rng: np.random.Generator, sparse: bool,
-               anatomy: Anatomy | None = None) -> np.ndarray:
+def _fill_body(t: np.ndarray, anatomy: Anatomy, rng: np.random.Generator, sparse: bool) -> np.ndarray:
     """Body outline, subcutaneous fat, wall muscle and the unlabelled inside, slice by slice.
 
-    ``anatomy`` (whose tissues ``t`` derives from, labelled where they are): the distance to the
-    organs' hull is computed once per anatomy instead of once per case.
+    ``t`` derives from ``anatomy``'s tissues and is labelled where they are, so the distance to the
+    organs' hull is computed once per anatomy, not once per case.
     """
+    spacing = anatomy.spacing
     labelled = t != _UNLABELLED
     fat_mm = float(rng.uniform(8, 35)) + (float(rng.uniform(15, 35)) if sparse else 0.0)
     wall_mm = float(rng.uniform(6, 14))
@@ -155,7 +155,7 @@ def _fill_body(t: np.ndarray, spacing: np.ndarray, rng: np.random.Generator, spa
         # the body: the organs' hull grown by the fat; distance to the outside gives the layers
         return ndimage.distance_transform_edt(~_organ_hull(labelled), sampling=spacing)
 
-    outside_dist = hull_distance() if anatomy is None else anatomy.remember("hull_distance", hull_distance)
+    outside_dist = anatomy.remember("hull_distance", hull_distance)
     body_out = outside_dist <= fat_mm + wall_mm
     depth = np.zeros(t.shape, np.float32)
     for k in range(t.shape[2]):
@@ -174,11 +174,12 @@ def _fill_body(t: np.ndarray, spacing: np.ndarray, rng: np.random.Generator, spa
     return out
 
 
-def _details(t: np.ndarray, spacing: np.ndarray, rng: np.random.Generator, anatomy: Anatomy | None = None) -> np.ndarray:
+def _details(anatomy: Anatomy, rng: np.random.Generator) -> np.ndarray:
     """What label maps do not draw: medulla, stomach content and gas, bowel gas, bone cortex.
 
-    ``anatomy`` (whose tissues ``t`` are): each structure's depth map is computed once per anatomy.
+    Each structure's depth map is computed once per anatomy, not once per case.
     """
+    t, spacing = anatomy.tissues, anatomy.spacing
     out = t.copy()
     for tissue, inner_tissue, depth_mm in ((ap.KIDNEY_CORTEX, ap.KIDNEY_MEDULLA, rng.uniform(3.5, 6.5)),
                                            (ap.STOMACH_WALL, ap.STOMACH_CONTENT, rng.uniform(3, 5)),
@@ -192,7 +193,7 @@ def _details(t: np.ndarray, spacing: np.ndarray, rng: np.random.Generator, anato
             box = tuple(slice(max(a - 2, 0), b + 2) for a, b in zip(lo, hi))
             return box, m[box], ndimage.distance_transform_edt(m[box], sampling=spacing)
 
-        found = depth() if anatomy is None else anatomy.remember(f"depth:{tissue}", depth)
+        found = anatomy.remember(f"depth:{tissue}", depth)
         if found is None:
             continue
         box, sub, d = found
@@ -221,8 +222,8 @@ def prepare_anatomy(anatomy: Anatomy, rng: np.random.Generator, sparse: bool | N
     t = anatomy.tissues
     if sparse is None:
         sparse = int((t == ap.MUSCLE).sum()) == 0
-    t = _details(t, anatomy.spacing, rng, anatomy)
-    t = _fill_body(t, anatomy.spacing, rng, sparse, anatomy)
+    t = _details(anatomy, rng)
+    t = _fill_body(t, anatomy, rng, sparse)
     return Anatomy(t, anatomy.affine, anatomy.name)
 
 
