@@ -513,9 +513,10 @@ def bench_end_to_end(
 
     For each image, ``warmup`` untimed runs of each pipeline, then ``repeats`` timed runs that
     alternate baseline and default (so both see the same machine load). ``predictor`` and
-    ``baseline_model`` default to ``Predictor.from_path(model_path)`` (the default path: torch,
-    precision ``auto``; another ``window`` or ``precision`` measures that choice instead) and
-    the checkpoint's fp32 network.
+    ``baseline_model`` default to ``Predictor.from_path(model_path)`` (the default path, what
+    ``spleen-seg predict --model`` the checkpoint runs: torch fp32, or the checkpoint's own ONNX
+    export beside it, see :func:`spleen_utils.backends.onnx_twin`; another ``window`` or
+    ``precision`` measures that choice instead) and the checkpoint's fp32 network.
 
     ``variants``: more ``(label, Predictor)`` pairs (another backend or precision), run in the
     same alternation; every pipeline's mask is compared with the tutorial's, and the record's
@@ -530,7 +531,7 @@ def bench_end_to_end(
     if baseline_model is None:
         baseline_model, recipe, _ = load_model(model_path, dev)
     if predictor is None:
-        predictor = Predictor.from_path(model_path, backend="torch", device=str(dev), precision=precision, window=window)
+        predictor = Predictor.from_path(model_path, device=str(dev), precision=precision, window=window)
     recipe = predictor.recipe
     say = progress or (lambda s: None)
     cases = []
@@ -686,18 +687,24 @@ def _max_memory(records: list[dict]) -> dict[str, float]:
 # (b') whole processes: start-up included
 
 
-def process_commands(model_path: str | Path, image: str | Path, out_dir: str | Path, onnx_path: str | Path | None = None) -> list[tuple[str, list[str]]]:
+def process_commands(model_path: str | Path, image: str | Path, out_dir: str | Path, onnx_path: str | Path | None = None,
+                     torch_row: bool = False) -> list[tuple[str, list[str]]]:
     """``(label, argv)`` of each pipeline as one command, as a user runs it: the tutorial's
     (``python -m spleen_utils.bench baseline``: import torch and MONAI, load the checkpoint,
-    :func:`baseline_predict`), ``spleen-seg predict`` on the checkpoint (the default path) and,
-    with ``onnx_path``, ``spleen-seg predict`` on the ONNX file (no torch, no MONAI)."""
+    :func:`baseline_predict`), ``spleen-seg predict`` on the checkpoint (the default path);
+    with ``onnx_path``, ``spleen-seg predict`` on the ONNX file (no torch, no MONAI); with
+    ``torch_row``, ``spleen-seg predict --backend torch`` on the checkpoint (for when the
+    default runs the checkpoint's ONNX export)."""
     py, out_dir = sys.executable, Path(out_dir)
+    predict = [py, "-m", "spleen_utils.cli", "predict", "--input", str(image)]
     cmds = [
         ("baseline", [py, "-m", "spleen_utils.bench", "baseline", "--model", str(model_path), "--input", str(image), "--output-dir", str(out_dir / "baseline")]),
-        ("default", [py, "-m", "spleen_utils.cli", "predict", "--model", str(model_path), "--input", str(image), "--output", str(out_dir / "default.nii.gz")]),
+        ("default", [*predict, "--model", str(model_path), "--output", str(out_dir / "default.nii.gz")]),
     ]
     if onnx_path is not None:
-        cmds.append(("onnx", [py, "-m", "spleen_utils.cli", "predict", "--model", str(onnx_path), "--input", str(image), "--output", str(out_dir / "onnx.nii.gz")]))
+        cmds.append(("onnx", [*predict, "--model", str(onnx_path), "--output", str(out_dir / "onnx.nii.gz")]))
+    if torch_row:
+        cmds.append(("torch", [*predict, "--model", str(model_path), "--backend", "torch", "--output", str(out_dir / "torch.nii.gz")]))
     return cmds
 
 
@@ -709,6 +716,7 @@ def bench_processes(
     warmup: int = 1,
     threads: int | None = None,
     progress: Callable[[str], None] | None = None,
+    torch_row: bool = False,
 ) -> dict[str, Any]:
     """Each pipeline as a whole process (:func:`process_commands`), start-up included: ``warmup``
     untimed rounds, then ``repeats`` rounds that alternate the commands (the same machine load
@@ -723,7 +731,7 @@ def bench_processes(
     image = Path(image)
     times: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="spleen-bench-proc-") as tmp:
-        cmds = process_commands(model_path, image, tmp, onnx_path)
+        cmds = process_commands(model_path, image, tmp, onnx_path, torch_row)
         for i in range(warmup + repeats):
             for label, argv in cmds:
                 say(f"{image.name}: process {label}, round {i + 1}/{warmup + repeats}")
@@ -740,8 +748,9 @@ def bench_processes(
         "repeats": repeats,
         "warmup": warmup,
         "threads": threads,
-        "commands": {label: " ".join(Path(a).name if a == sys.executable else a for a in argv[1:3]) + " " + argv[3]
-                     for label, argv in process_commands(model_path, image, "OUT", onnx_path)},
+        # each command with file names for paths (the full paths are this machine's)
+        "commands": {label: " ".join("python" if a == sys.executable else Path(a).name if "/" in a else a for a in argv)
+                     for label, argv in process_commands(model_path, image, "OUT", onnx_path, torch_row)},
         "processes": {label: summarize_times(v) for label, v in times.items()},
     }
     base = out["processes"]["baseline"]["median_s"]
@@ -833,7 +842,8 @@ def _run_benchmark(
     patches, end_to_end, window, precision, export_onnx_if_missing, patch, json_out, progress,
     processes=False, process_image=None, process_repeats=None, threads=None,
 ) -> dict[str, Any]:
-    from .model import file_sha256, read_checkpoint, resolve_device
+    from .backends import file_sha256
+    from .model import read_checkpoint, resolve_device
 
     say = progress or (lambda s: None)
     model_path = Path(model_path or DEFAULT_MODEL)
@@ -880,20 +890,25 @@ def _run_benchmark(
 
                 images = [Path(c["image"]) for c in real_cases()[0]]
             if images:
+                from .infer import Predictor
+
                 say("end to end: the tutorial's pipeline against the default path and each other backend / precision")
-                variants, not_run = _end_to_end_variants(model_path, onnx_path, dev, window)
-                record["end_to_end"] = bench_end_to_end(model_path, images, str(dev), repeats=repeats, warmup=warmup, progress=progress,
+                default = Predictor.from_path(model_path, device=str(dev), precision=precision, window=window)
+                twin = getattr(default.backend, "exported_from", None) is not None  # the default runs the checkpoint's ONNX export
+                variants, not_run = _end_to_end_variants(model_path, None if twin else onnx_path, dev, window, torch_fp32=twin)
+                record["end_to_end"] = bench_end_to_end(model_path, images, str(dev), repeats=repeats, warmup=warmup, progress=progress, predictor=default,
                                                         window=window, precision=precision, variants=variants, not_run=not_run)
                 if processes:
                     from .io import load_nifti
 
                     target = Path(process_image) if process_image else max(images, key=lambda f: int(np.prod(load_nifti(f).shape)))
                     say(f"whole processes on {Path(target).name}: start-up included")
-                    proc = bench_processes(model_path, target, onnx_path, repeats=process_repeats or repeats, warmup=1, threads=threads, progress=progress)
+                    proc = bench_processes(model_path, target, None if twin else onnx_path, repeats=process_repeats or repeats, warmup=1,
+                                           threads=threads, progress=progress, torch_row=twin)
                     case = next((c for c in record["end_to_end"]["cases"] if c["file"] == Path(target).name), None)
                     if case is not None:  # start-up: a process's time beyond the same work in a warm process
                         proc["in_process_s"] = {"baseline": case["baseline"]["median_s"], "default": case["default"]["median_s"],
-                                                **{"onnx": v["median_s"] for v in case["variants"] if v["label"] == "onnx fp32"}}
+                                                **{v["label"].split()[0]: v["median_s"] for v in case["variants"] if v["label"] in ("onnx fp32", "torch fp32")}}
                         proc["startup_s"] = {k: proc["processes"][k]["median_s"] - v for k, v in proc["in_process_s"].items() if k in proc["processes"]}
                         proc["speedup_beyond_startup"] = {k: proc["in_process_s"]["baseline"] / v for k, v in proc["in_process_s"].items() if k != "baseline"}
                     record["end_to_end"]["whole_process"] = proc
@@ -907,16 +922,19 @@ def _run_benchmark(
     return record
 
 
-def _end_to_end_variants(model_path, onnx_path, dev: torch.device, window: str) -> tuple[list[tuple[str, Any]], list[dict[str, str]]]:
-    """The other backends and precisions timed end to end beside the default (torch fp32):
-    ONNX Runtime fp32 when there is an ONNX file; torch bf16 autocast where the CPU runs it natively
-    (fp16 on CUDA). The rest is listed with the reason it did not run."""
+def _end_to_end_variants(model_path, onnx_path, dev: torch.device, window: str, torch_fp32: bool = False) -> tuple[list[tuple[str, Any]], list[dict[str, str]]]:
+    """The other backends and precisions timed end to end beside the default: torch fp32 when
+    ``torch_fp32`` (the default runs the checkpoint's ONNX export), else ONNX Runtime fp32 when
+    there is an ONNX file; torch bf16 autocast where the CPU runs it natively (fp16 on CUDA).
+    The rest is listed with the reason it did not run."""
     from .infer import Predictor
     from .model import cpu_supports_bf16
 
     variants: list[tuple[str, Any]] = []
     not_run: list[dict[str, str]] = []
-    if onnx_path is not None:
+    if torch_fp32:
+        variants.append(("torch fp32", Predictor.from_path(model_path, backend="torch", device=str(dev), precision="fp32", window=window)))
+    elif onnx_path is not None:
         variants.append(("onnx fp32", Predictor.from_path(onnx_path, backend="onnx", device="cpu" if dev.type == "cpu" else "auto", window=window)))
     else:
         not_run.append({"pipeline": "onnx fp32", "reason": "no ONNX file"})
@@ -1172,6 +1190,14 @@ def targets_markdown(record: dict[str, Any]) -> str:
                        f"**{'met' if b >= TARGETS['beyond start-up'] else 'not met'}**) and {p:.2f}× as whole processes "
                        f"(target {TARGETS['whole process']:g}×: **{'met' if p >= TARGETS['whole process'] else 'not met'}**); "
                        f"start-up {w['startup_s'][k]:.1f} s against the baseline's {w['startup_s']['baseline']:.1f} s.")
+        case = next((c for c in e.get("cases", []) if c["file"] == w["image"]), None)
+        net = (case or {}).get("stages_s", {}).get("default", {}).get("network")
+        if net and "in_process_s" in w:
+            base = w["in_process_s"]["baseline"]
+            out.append(f"- Where the limit lies: the default path's network stage alone (the tutorial's windows, fp32) took {net:.2f} s "
+                       f"of its {w['in_process_s']['default']:.2f} s; with every other stage at zero the ratio beyond start-up "
+                       f"would be {base / net:.1f}×: more needs the network itself faster, on other hardware (a GPU) or "
+                       f"with a lower precision or fewer windows, which change the masks.")
     return "\n".join(out) if out else "No end-to-end measurement in this record."
 
 

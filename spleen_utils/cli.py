@@ -305,7 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--input", required=True, help="a .nii/.nii.gz file, a folder of them, or a DICOM series (folder or .zip)")
     pr.add_argument("--output", required=True, help="a file (for a file or series; .dcm writes DICOM SEG) or a folder")
     pr.add_argument("--series-uid", help="the DICOM series to segment when the input holds several")
-    pr.add_argument("--backend", choices=["auto", "torch", "onnx", "tensorrt"], default="auto")
+    pr.add_argument("--backend", choices=["auto", "torch", "onnx", "tensorrt"], default="auto",
+                    help="auto (default): by the model's suffix, except that a checkpoint whose own ONNX export lies beside it "
+                         "(model.onnx from spleen-seg export, same weights) runs that export on the CPU in fp32: the same masks, "
+                         "seconds less start-up; torch keeps PyTorch")
     pr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     pr.add_argument("--precision", choices=PRECISIONS, default="auto",
                     help="auto (default): fp32, the precision of the tutorial's masks; bf16, fp16 or amp (bf16 on CPU, fp16 on CUDA): "

@@ -118,7 +118,8 @@ def compare_backends(
     from .config import get_config
     from .io import load_nifti
     from .metrics import dice
-    from .model import file_sha256, read_checkpoint, resolve_device
+    from .backends import file_sha256
+    from .model import read_checkpoint, resolve_device
 
     say = progress or (lambda s: None)
     model_path = Path(model_path)

@@ -80,11 +80,11 @@ import torch
 from .config import Recipe
 from .errors import SpleenError
 from .io import atomic_path, temp_beside
-from .model import file_sha256, library_versions, load_model
+from .model import library_versions, load_model
 
 # the file contract (names, metadata keys and their parser) is defined once, in the torch-free
 # backends module that reads it; the exporter writes what it declares
-from .backends import INPUT_NAME, ONNX_FORMAT, OUTPUT_NAME
+from .backends import INPUT_NAME, ONNX_FORMAT, OUTPUT_NAME, file_sha256
 from .backends import ONNX_JSON_KEYS as JSON_KEYS  # metadata keys whose values are JSON
 from .backends import ONNX_REQUIRED_KEYS as REQUIRED_KEYS
 from .backends import parse_onnx_metadata as parse_metadata

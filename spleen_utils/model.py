@@ -7,7 +7,6 @@ versions), in the spirit of a MONAI bundle's ``metadata.json``. It is written at
 
 from __future__ import annotations
 
-import hashlib
 import platform
 from pathlib import Path
 from typing import Any
@@ -102,11 +101,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
     model.to(device).eval()
     meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer", "scaler")}
     return model, recipe, meta
-
-
-def file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -718,7 +718,7 @@ class SegmentationService:
         from .backends import OnnxBackend
         from .export import spatial_multiple
         from .infer import Predictor
-        from .model import file_sha256
+        from .backends import file_sha256
 
         s = self.settings
         if s.model is None:

@@ -42,12 +42,15 @@ def artifacts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def backends(artifacts):
     pt, onnx_path = artifacts
-    return open_backend(pt, device="cpu"), open_backend(onnx_path, device="cpu")
+    return open_backend(pt, backend="torch", device="cpu"), open_backend(onnx_path, device="cpu")
 
 
-def test_auto_dispatch_by_suffix(backends):
+def test_auto_dispatch_by_suffix(backends, artifacts, tmp_path):
     tb, ob = backends
     assert isinstance(tb, TorchBackend) and tb.name == "torch"
+    alone = tmp_path / "alone.pt"  # no ONNX export beside it: .pt opens with torch
+    alone.write_bytes(artifacts[0].read_bytes())
+    assert isinstance(open_backend(alone, device="cpu"), TorchBackend)
     assert isinstance(ob, OnnxBackend) and ob.name == "onnx"
     assert ob.device == torch.device("cpu") and ob.precision == "fp32"
     assert ob.providers == ["CPUExecutionProvider"]

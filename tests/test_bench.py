@@ -150,20 +150,23 @@ def test_run_benchmark_writes_the_record(files, tmp_path):
     e = doc["end_to_end"]
     assert len(e["cases"]) == 1 and e["cases"][0]["speedup"] > 0 and 0 <= e["dice_agreement_min"] <= 1
     # every backend / precision measured has its agreement with the tutorial's masks; the rest says why not
+    # tiny.onnx lies beside tiny.pt and names its digest: the default runs it, torch fp32 is the other row
     pipelines = {a["pipeline"]: a for a in e["agreement"]}
-    assert set(pipelines) == {"default", "onnx fp32"} and pipelines["default"]["default"] and not pipelines["onnx fp32"]["default"]
-    assert "fp32" in pipelines["default"]["backend"]  # precision auto is fp32
+    assert set(pipelines) == {"default", "torch fp32"} and pipelines["default"]["default"] and not pipelines["torch fp32"]["default"]
+    assert pipelines["default"]["backend"] == "onnx (fp32, cpu; tiny.onnx, the export of tiny.pt)"  # precision auto is fp32
+    assert pipelines["torch fp32"]["backend"].startswith("torch (fp32, cpu")
     for a in e["agreement"]:
         assert set(a["dice_by_case"]) == {"case"} and 0 <= a["dice_min"] <= 1 and a["meets_target"] == (a["dice_min"] >= 0.99)
     # torch fp32 and ONNX Runtime fp32 compute the same network: their masks agree with the tutorial's alike
-    assert abs(pipelines["onnx fp32"]["dice_min"] - pipelines["default"]["dice_min"]) < 0.01
+    assert abs(pipelines["torch fp32"]["dice_min"] - pipelines["default"]["dice_min"]) < 0.01
     if not hw["cpu_bf16_native"]:
         assert any(m["pipeline"] == "torch bf16" for m in e["agreement_not_run"])
     # whole processes, start-up included, side by side
     w = e["whole_process"]
-    assert set(w["processes"]) == {"baseline", "default", "onnx"} and w["image"] == "case.nii.gz"
+    assert set(w["processes"]) == {"baseline", "default", "torch"} and w["image"] == "case.nii.gz"
+    assert w["commands"]["torch"].endswith("--backend torch --output torch.nii.gz") and "tiny.pt" in w["commands"]["default"]
     assert all(v["n"] == 1 and v["median_s"] > 0 for v in w["processes"].values())
-    assert set(w["speedup"]) == {"default", "onnx"} and set(w["speedup_beyond_startup"]) == {"default", "onnx"}
+    assert set(w["speedup"]) == {"default", "torch"} and set(w["speedup_beyond_startup"]) == {"default", "torch"}
     assert all(w["processes"][k]["median_s"] > w["in_process_s"][k] * 0.5 for k in w["in_process_s"])
     text = format_report(doc)
     assert "end to end" in text and "onnx" in text and "speedup" in text
@@ -178,6 +181,22 @@ def test_run_benchmark_writes_the_record(files, tmp_path):
     matplotlib.use("Agg")
     fig = plot_benchmark(doc)
     assert len(fig.axes) == 3  # per patch, end to end, per stage
+
+
+def test_the_other_rows_follow_the_default(files, tmp_path):
+    """With the checkpoint alone the default is torch and ONNX Runtime is the other row; with its
+    export beside it, the reverse (run_benchmark above measures the second case)."""
+    from spleen_utils.bench import _end_to_end_variants, process_commands
+
+    model, onnx_path, image = files
+    variants, _ = _end_to_end_variants(model, onnx_path, torch.device("cpu"), "auto")
+    assert variants[0][0] == "onnx fp32" and variants[0][1].backend.name == "onnx"
+    variants, _ = _end_to_end_variants(model, None, torch.device("cpu"), "auto", torch_fp32=True)
+    assert variants[0][0] == "torch fp32" and variants[0][1].backend.name == "torch"
+    labels = [label for label, _ in process_commands(model, image, tmp_path, onnx_path)]
+    assert labels == ["baseline", "default", "onnx"]
+    cmds = dict(process_commands(model, image, tmp_path, None, torch_row=True))
+    assert list(cmds) == ["baseline", "default", "torch"] and cmds["torch"][-4:-2] == ["--backend", "torch"]
 
 
 def test_agreement_filters_a_copy():

@@ -24,7 +24,8 @@ from spleen_utils.export import (
     tensorrt_available,
     trtexec_command,
 )
-from spleen_utils.model import build_network, file_sha256, load_model, save_checkpoint
+from spleen_utils.backends import file_sha256
+from spleen_utils.model import build_network, load_model, save_checkpoint
 
 
 def real_image() -> Path | None:

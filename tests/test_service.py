@@ -31,7 +31,8 @@ from spleen_utils.errors import SpleenError
 from spleen_utils.export import export_onnx
 from spleen_utils.infer import Predictor
 from spleen_utils.io import Volume
-from spleen_utils.model import build_network, file_sha256, save_checkpoint
+from spleen_utils.backends import file_sha256
+from spleen_utils.model import build_network, save_checkpoint
 from spleen_utils.service import (
     FIELD,
     LocalServer,

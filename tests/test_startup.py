@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -39,7 +40,7 @@ def onnx_model(tmp_path_factory):
     d = tmp_path_factory.mktemp("startup")
     torch.manual_seed(0)
     pt = save_checkpoint(build_network(TINY), TINY, d / "tiny.pt")
-    return export_onnx(pt, d / "tiny.onnx", opset=17, validate=False)["path"], pt
+    return Path(export_onnx(pt, d / "tiny.onnx", opset=17, validate=False)["path"]), pt
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +88,49 @@ def test_torch_predict_still_works_and_imports_torch_only_then(onnx_model, ct_fo
     r = fresh_python(
         "import sys\nimport spleen_utils.infer, spleen_utils.backends\nbefore = 'torch' in sys.modules\n"
         "from spleen_utils.cli import main\n"
-        f"rc = main(['predict', '--model', {str(pt)!r}, '--input', {str(ct_folder / 'case_1.nii.gz')!r}, '--output', {str(tmp_path / 'm.nii.gz')!r}])\n"
+        f"rc = main(['predict', '--model', {str(pt)!r}, '--backend', 'torch', '--input', {str(ct_folder / 'case_1.nii.gz')!r}, '--output', {str(tmp_path / 'm.nii.gz')!r}])\n"
         "print('rc', rc, before, 'torch' in sys.modules)"
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "rc 0 False True"
+    assert "torch (fp32, cpu)" in r.stdout
+
+
+def test_a_checkpoint_with_its_own_export_beside_it_predicts_without_torch(onnx_model, ct_folder, tmp_path):
+    """The default for a checkpoint is its ONNX export when that file names the checkpoint's digest."""
+    onnx_path, pt = onnx_model
+    assert onnx_path.parent == pt.parent and onnx_path.stem == pt.stem  # tiny.onnx beside tiny.pt
+    r = fresh_python(
+        "import sys\nfrom spleen_utils.cli import main\n"
+        f"rc = main(['predict', '--model', {str(pt)!r}, '--input', {str(ct_folder / 'case_1.nii.gz')!r}, '--output', {str(tmp_path / 'm.nii.gz')!r}])\n"
+        "print('rc', rc, 'torch' in sys.modules, 'monai' in sys.modules)"
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "rc 0 False False"
+    assert "onnx (fp32, cpu; tiny.onnx, the export of tiny.pt)" in r.stdout
+    # the same mask as the checkpoint through torch
+    ref = Predictor.from_path(pt, backend="torch", device="cpu").predict_file(ct_folder / "case_1.nii.gz", tmp_path / "t.nii.gz")
+    got, want = (np.asarray(nib.load(str(f)).dataobj) for f in (tmp_path / "m.nii.gz", ref["output"]))
+    assert got.any() and int((got != want).sum()) <= max(1, int(1e-4 * got.size))
+
+
+def test_an_export_of_another_checkpoint_is_not_used(onnx_model, tmp_path):
+    from spleen_utils.model import build_network, save_checkpoint
+
+    onnx_path, pt = onnx_model
+    torch.manual_seed(1)  # other weights: the export beside it names another digest
+    other = save_checkpoint(build_network(TINY), TINY, tmp_path / "best_model.pt")
+    (tmp_path / "model.onnx").write_bytes(onnx_path.read_bytes())
+    assert backends.onnx_twin(other, "cpu") is None
+    assert Predictor.from_path(other, device="cpu").backend.name == "torch"
+    # the right checkpoint finds it under the name spleen-seg export writes
+    (tmp_path / "best_model.pt").write_bytes(pt.read_bytes())
+    twin = backends.onnx_twin(tmp_path / "best_model.pt", "cpu")
+    assert twin is not None and twin.path == tmp_path / "model.onnx" and twin.exported_from == tmp_path / "best_model.pt"
+    # other precisions, other devices and an explicit backend keep torch
+    assert backends.onnx_twin(pt, "cpu", "bf16") is None and backends.onnx_twin(pt, "cuda") is None
+    assert Predictor.from_path(pt, backend="torch", device="cpu").backend.name == "torch"
+    assert Predictor.from_path(pt, device="cpu").backend.name == "onnx"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,7 +234,7 @@ def test_onnx_and_torch_predictors_agree_on_sliding_windows(onnx_model, ct_folde
     onnx_path, pt = onnx_model
     vol = load_nifti(ct_folder / "case_1.nii.gz")
     po = Predictor.from_path(onnx_path, device="cpu", window="sliding", lcc=False)
-    pt_ = Predictor.from_path(pt, device="cpu", window="sliding", lcc=False)
+    pt_ = Predictor.from_path(pt, backend="torch", device="cpu", window="sliding", lcc=False)
     prep = infer.prepare(vol, po.recipe)
     assert any(n > r for n, r in zip(prep.image.shape, po.roi))  # several windows: the numpy sliding window runs
     lo, lt = po.logits(prep.image[None]), pt_.logits(prep.image[None])
