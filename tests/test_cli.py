@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import types
 
 import nibabel as nib
 import numpy as np
@@ -25,6 +26,16 @@ def test_help_lists_commands():
 def test_subcommand_help(sub):
     r = run(sub, "--help")
     assert r.returncode == 0 and "usage: spleen-seg" in r.stdout
+
+
+def run_here(capsys, *args):
+    """``main(args)`` in this process, as :func:`run`'s result: for commands that are run several times
+    (each new process pays the torch import again). An exception other than the CLI's own error
+    escapes ``main`` and fails the test, as a traceback in the process would."""
+    capsys.readouterr()
+    rc = main(list(args))
+    out = capsys.readouterr()
+    return types.SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
 
 
 def _assert_clean_error(r, *fragments):
@@ -55,7 +66,7 @@ def random_model(tmp_path_factory):
     return path
 
 
-def test_predict_bad_inputs_leave_existing_output_intact(tmp_path, random_model):
+def test_predict_bad_inputs_leave_existing_output_intact(tmp_path, random_model, capsys):
     out = tmp_path / "out.nii.gz"
     out.write_bytes(b"precious")
     flat = tmp_path / "flat.nii.gz"
@@ -63,16 +74,16 @@ def test_predict_bad_inputs_leave_existing_output_intact(tmp_path, random_model)
     text = tmp_path / "text.nii.gz"
     text.write_text("no")
     for src, msg in ((flat, "2D"), (text, "not a NIfTI"), (tmp_path / "missing.nii.gz", "no such file")):
-        _assert_clean_error(run("predict", "--model", str(random_model), "--input", str(src), "--output", str(out)), msg)
+        _assert_clean_error(run_here(capsys, "predict", "--model", str(random_model), "--input", str(src), "--output", str(out)), msg)
         assert out.read_bytes() == b"precious"
 
 
-def test_evaluate_missing_and_mismatch(tmp_path):
-    _assert_clean_error(run("evaluate", "--pred", str(tmp_path / "p"), "--label", str(tmp_path / "l")), "no such file")
+def test_evaluate_missing_and_mismatch(tmp_path, capsys):
+    _assert_clean_error(run_here(capsys, "evaluate", "--pred", str(tmp_path / "p"), "--label", str(tmp_path / "l")), "no such file")
     a = np.zeros((8, 8, 8), np.uint8)
     nib.save(nib.Nifti1Image(a, np.eye(4)), str(tmp_path / "p.nii.gz"))
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 9), np.uint8), np.eye(4)), str(tmp_path / "l.nii.gz"))
-    _assert_clean_error(run("evaluate", "--pred", str(tmp_path / "p.nii.gz"), "--label", str(tmp_path / "l.nii.gz")), "does not match")
+    _assert_clean_error(run_here(capsys, "evaluate", "--pred", str(tmp_path / "p.nii.gz"), "--label", str(tmp_path / "l.nii.gz")), "does not match")
 
 
 def test_train_without_data_for_full_profile(tmp_path, capsys):
@@ -103,61 +114,61 @@ def _mask(path, shape=(24, 24, 16), values=(0, 1)):
     return path
 
 
-def test_predict_refuses_a_file_name_for_a_folder_of_inputs(tmp_path, random_model):
+def test_predict_refuses_a_file_name_for_a_folder_of_inputs(tmp_path, random_model, capsys):
     (tmp_path / "in").mkdir()
     _ct(tmp_path / "in" / "a.nii.gz")
-    _assert_clean_error(run("predict", "--model", str(random_model), "--input", str(tmp_path / "in"),
+    _assert_clean_error(run_here(capsys, "predict", "--model", str(random_model), "--input", str(tmp_path / "in"),
                             "--output", str(tmp_path / "m.nii.gz")), "give an output folder")
     assert not (tmp_path / "m.nii.gz").exists()
 
 
-def test_predict_skips_masks_among_the_inputs_and_says_so(tmp_path, random_model):
+def test_predict_skips_masks_among_the_inputs_and_says_so(tmp_path, random_model, capsys):
     (tmp_path / "in").mkdir()
     _ct(tmp_path / "in" / "case_image.nii.gz")
     _mask(tmp_path / "in" / "case_label.nii.gz")  # a mask by name
     _mask(tmp_path / "in" / "other.nii.gz")  # a mask by content (MSD names labels like images)
-    r = run("predict", "--model", str(random_model), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"))
+    r = run_here(capsys, "predict", "--model", str(random_model), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
     assert "case_label.nii.gz: skipped, its name says it is a mask" in r.stderr
     assert "other.nii.gz: skipped, its voxels are a label map" in r.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case_image.nii.gz"]
 
 
-def test_predict_on_a_mask_file_is_one_sentence(tmp_path, random_model):
-    _assert_clean_error(run("predict", "--model", str(random_model), "--input", str(_mask(tmp_path / "m.nii.gz")),
+def test_predict_on_a_mask_file_is_one_sentence(tmp_path, random_model, capsys):
+    _assert_clean_error(run_here(capsys, "predict", "--model", str(random_model), "--input", str(_mask(tmp_path / "m.nii.gz")),
                             "--output", str(tmp_path / "o.nii.gz")), "holds a label map")
     assert not (tmp_path / "o.nii.gz").exists()
 
 
-def test_a_nifti_given_as_model_is_named_as_such(tmp_path):
-    _assert_clean_error(run("predict", "--model", str(_ct(tmp_path / "ct.nii.gz")), "--input", "x", "--output", "y"),
+def test_a_nifti_given_as_model_is_named_as_such(tmp_path, capsys):
+    _assert_clean_error(run_here(capsys, "predict", "--model", str(_ct(tmp_path / "ct.nii.gz")), "--input", "x", "--output", "y"),
                         "is a NIfTI image, not a model file")
 
 
-def test_evaluate_refuses_a_ct_as_label_and_names_a_missing_pred(tmp_path):
+def test_evaluate_refuses_a_ct_as_label_and_names_a_missing_pred(tmp_path, capsys):
     ct, mask = _ct(tmp_path / "ct.nii.gz"), _mask(tmp_path / "mask.nii.gz")
-    _assert_clean_error(run("evaluate", "--pred", str(mask), "--label", str(ct)), "--label must be a binary spleen mask")
-    _assert_clean_error(run("evaluate", "--pred", str(tmp_path / "nope.nii.gz"), "--label", str(mask)),
+    _assert_clean_error(run_here(capsys, "evaluate", "--pred", str(mask), "--label", str(ct)), "--label must be a binary spleen mask")
+    _assert_clean_error(run_here(capsys, "evaluate", "--pred", str(tmp_path / "nope.nii.gz"), "--label", str(mask)),
                         "nope.nii.gz: no such file or folder (--pred)")
-    _assert_clean_error(run("evaluate", "--pred", str(_mask(tmp_path / "organs.nii.gz", values=(0, 3))), "--label", str(mask)),
+    _assert_clean_error(run_here(capsys, "evaluate", "--pred", str(_mask(tmp_path / "organs.nii.gz", values=(0, 3))), "--label", str(mask)),
                         "--pred must be a binary spleen mask")
 
 
-def test_evaluate_names_the_case_after_the_prediction_and_has_no_mean_of_one(tmp_path):
+def test_evaluate_names_the_case_after_the_prediction_and_has_no_mean_of_one(tmp_path, capsys):
     pred, label = _mask(tmp_path / "patient7.nii.gz"), _mask(tmp_path / "patient7_spleen.nii.gz")
-    r = run("evaluate", "--pred", str(pred), "--label", str(label))
+    r = run_here(capsys, "evaluate", "--pred", str(pred), "--label", str(label))
     assert r.returncode == 0, r.stderr
     assert "patient7 " in r.stdout and "1.0000" in r.stdout
     assert "mean" not in r.stdout
 
 
-def test_predict_says_when_the_model_is_a_teaching_model(tmp_path):
+def test_predict_says_when_the_model_is_a_teaching_model(tmp_path, capsys):
     from spleen_utils.config import Recipe
     from spleen_utils.model import build_network, save_checkpoint
 
     model = save_checkpoint(build_network(Recipe()), Recipe(), tmp_path / "q.pt", profile="quick",
                             training_data="Synthetic_Spleen (generated CT) + 1 real scan (msd_spleen_8)")
-    r = run("predict", "--model", str(model), "--input", str(_ct(tmp_path / "ct.nii.gz")), "--output", str(tmp_path / "o.nii.gz"))
+    r = run_here(capsys, "predict", "--model", str(model), "--input", str(_ct(tmp_path / "ct.nii.gz")), "--output", str(tmp_path / "o.nii.gz"))
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("a teaching model, not a clinical one") == 1
 
@@ -171,14 +182,14 @@ def test_help_has_examples_and_says_what_options_do():
         assert f"{option} {words}" in text, option  # the help text follows the option
 
 
-def test_predict_hostile_headers_exit_2_with_one_line(tmp_path, random_model):
+def test_predict_hostile_headers_exit_2_with_one_line(tmp_path, random_model, capsys):
     """Issue #9: a bad extension size, a bad datatype code and a resampling bomb are one sentence and
     exit 2, not a traceback (nibabel's HeaderDataError) nor hours of resampling."""
     from hostile_corpus import hostile_corpus
 
     cases = {c.name: c for c in hostile_corpus(tmp_path / "corpus")}
     for name, words in [("ext_size_7", "extension"), ("bad_datatype", "datatype"), ("spacing_400mm_16cube", "voxel size")]:
-        r = run("predict", "--model", str(random_model), "--input", str(cases[name].path), "--output", str(tmp_path / "o.nii.gz"))
+        r = run_here(capsys, "predict", "--model", str(random_model), "--input", str(cases[name].path), "--output", str(tmp_path / "o.nii.gz"))
         _assert_clean_error(r, words)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / "o.nii.gz").exists()
