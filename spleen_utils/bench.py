@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import math
 import os
 import platform
 import sys
@@ -1202,14 +1203,22 @@ def targets_markdown(record: dict[str, Any]) -> str:
 
 
 def plot_benchmark(record: dict[str, Any]):
-    """A matplotlib figure: per-patch latency by backend and batch, and end-to-end times."""
+    """A matplotlib figure: per-patch latency by backend and batch, end-to-end times, time per
+    stage and, when measured, whole processes split into start-up and work."""
     import matplotlib.pyplot as plt
 
     has_e2e = bool(record.get("end_to_end", {}).get("cases"))
     has_stages = bool(stage_rows(record))
-    n = 1 + int(has_e2e) + int(has_stages)
-    fig, axes = plt.subplots(1, n, figsize=(6.0 * n, 4.2), squeeze=False)
-    ax = axes[0, 0]
+    whole = record.get("end_to_end", {}).get("whole_process") or {}
+    has_whole = bool(whole.get("startup_s"))
+    n = 1 + int(has_e2e) + int(has_stages) + int(has_whole)
+    cols = min(n, 2)  # two panels a row: four in one row are too small to read in a book page
+    rows_ = math.ceil(n / cols)
+    fig, grid = plt.subplots(rows_, cols, figsize=(6.5 * cols, 4.4 * rows_), squeeze=False)
+    panels = list(grid.ravel())
+    for extra in panels[n:]:
+        extra.remove()
+    ax = panels[0]
     rows = record.get("patch", {}).get("rows", [])
     labels = list(dict.fromkeys((r["backend"], r["precision"], r["device"]) for r in rows))  # first-seen order
     batches = sorted({r["batch"] for r in rows})
@@ -1227,7 +1236,7 @@ def plot_benchmark(record: dict[str, Any]):
     ax.set_title(f"one {'x'.join(map(str, patch))} patch")
     ax.legend(fontsize=8)
     if has_e2e:
-        ax = axes[0, 1]
+        ax = panels[1]
         cases = record["end_to_end"]["cases"]
         xs = np.arange(len(cases))
         b = [c["baseline"]["median_s"] for c in cases]
@@ -1242,7 +1251,7 @@ def plot_benchmark(record: dict[str, Any]):
         ax.set_ylim(0, max(b) * 1.3)
         ax.legend(fontsize=8, loc="upper right")
     if has_stages:
-        ax = axes[0, -1]
+        ax = panels[1 + int(has_e2e)]
         rows = stage_rows(record)
         ys = np.arange(len(rows))
         left = np.zeros(len(rows))
@@ -1254,6 +1263,23 @@ def plot_benchmark(record: dict[str, Any]):
         ax.invert_yaxis()
         ax.set_xlabel("seconds (median per stage)")
         ax.set_title("where the time goes")
+        ax.legend(fontsize=7, loc="lower right")
+    if has_whole:
+        ax = panels[n - 1]
+        names = [k for k in whole["processes"] if k in whole["startup_s"]]
+        ys = np.arange(len(names))
+        work = np.array([whole["in_process_s"][k] for k in names])
+        start = np.array([whole["processes"][k]["median_s"] for k in names]) - work
+        ax.barh(ys, start, color="0.7", label="start-up (imports, opening the model)")
+        ax.barh(ys, work, left=start, color="C2", label="the prediction itself")
+        for y, k, total in zip(ys, names, start + work):
+            note = "" if k == "baseline" else f"  {whole['speedup'][k]:.1f}x faster"
+            ax.text(total, y, f" {total:.1f} s{note}", va="center", fontsize=8)
+        ax.set_yticks(ys, names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, max(start + work) * 1.45)
+        ax.set_xlabel("seconds per process (median)")
+        ax.set_title(f"whole processes, {whole['image'].split('.')[0]}")
         ax.legend(fontsize=7, loc="lower right")
     hw = record.get("hardware", {})
     where = hw.get("gpu") or f"{hw.get('cpu')}, {hw.get('cpu_cores')} cores"

@@ -180,7 +180,8 @@ def test_run_benchmark_writes_the_record(files, tmp_path):
 
     matplotlib.use("Agg")
     fig = plot_benchmark(doc)
-    assert len(fig.axes) == 3  # per patch, end to end, per stage
+    assert len(fig.axes) == 4  # per patch, end to end, per stage, whole processes
+    assert fig.axes[-1].get_title() == "whole processes, case"
 
 
 def test_the_other_rows_follow_the_default(files, tmp_path):
