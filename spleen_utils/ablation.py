@@ -127,11 +127,14 @@ PROFILE_KEYS = ("epochs", "synthetic_cases", "labelmap_cases", "val_per_source",
 
 def profile_settings(cfg: Config | None = None) -> dict[str, Any]:
     """The settings of the ``quick`` profile (or ``cfg``) that the ablation's commands inherit."""
+    from .synthetic import VERSION
+
     cfg = cfg or get_config("quick")
     d = cfg.to_dict()
     r = d["recipe"]
+    # the generator's version too: the same settings on another generator's cases train another model
     return {**{k: d[k] for k in PROFILE_KEYS}, "patch_size": r["patch_size"], "num_samples": r["num_samples"],
-            "pixdim": r["pixdim"], "learning_rate": r["learning_rate"]}
+            "pixdim": r["pixdim"], "learning_rate": r["learning_rate"], "generator_version": VERSION}
 
 
 def stale_note(record: dict[str, Any]) -> str | None:
@@ -143,7 +146,8 @@ def stale_note(record: dict[str, Any]) -> str | None:
         return ("This record predates today's quick profile (it stores no settings; it was measured with 5 cases "
                 "per label map and 50 epochs): its commands now train other models, and its last row is not the "
                 "model of notebook 02. `spleen-seg ablation` measures it again.")
-    diff = ", ".join(f"{k} {then.get(k)!r} then, {now.get(k)!r} now" for k in now if then.get(k) != now.get(k))
+    diff = ", ".join(f"{k} {then[k]!r} then, {now[k]!r} now" if k in then else f"{k} {now[k]!r} now, not recorded then"
+                     for k in now if then.get(k) != now.get(k))
     return (f"Measured with other quick-profile settings than today's ({diff}): its commands now train other "
             "models, and its last row is not the model of notebook 02. `spleen-seg ablation` measures it again.")
 

@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--precision", choices=PRECISIONS, default="auto",
                     help="auto (default): fp32, the precision of the tutorial's masks; bf16, fp16 or amp (bf16 on CPU, fp16 on CUDA): "
                          "autocast, faster where the hardware has it, masks measured further from the tutorial's (torch backend)")
-    pr.add_argument("--no-lcc", action="store_true", help="keep every connected component (default: the largest only)")
+    pr.add_argument("--no-lcc", action="store_true", help="keep every connected component (default: one: the largest, or of comparable ones the one the network is surest of)")
     pr.add_argument("--json", help="write a JSON record of each case here")
     pr.set_defaults(func=cmd_predict)
 

@@ -305,6 +305,24 @@ def lcc_effect(raw: Any, label: Any | None, spacing: Sequence[float]) -> tuple[A
     return kept, info
 
 
+def component_rules(raw_predictor, predictor, vol, label: Any) -> dict[str, Any]:
+    """One scan through the two ways of keeping one component: MONAI's largest (applied to
+    ``raw_predictor``'s mask, which keeps every component) and ``predictor``'s own rule
+    (:func:`spleen_utils.infer.keep_one_component`). Dice and mL of each, and the raw mask's
+    component count."""
+    import numpy as np
+
+    from .metrics import dice, volume_ml
+
+    raw, _ = raw_predictor.predict_volume(vol)
+    _, info = lcc_effect(raw, label, vol.spacing)
+    kept, _ = predictor.predict_volume(vol)
+    label = np.asarray(label) > 0
+    return {"components": info["components_before"], "dice_raw": info["dice_before"],
+            "dice_largest": info["dice_after"], "dice_kept": dice(kept, label),
+            "ml_largest": info["ml_after"], "ml_kept": volume_ml(kept, vol.spacing), "label_ml": info["label_ml"]}
+
+
 def environment_report() -> dict[str, Any]:
     """What this machine offers the tutorial: Python, CPU, memory, PyTorch/CUDA/cuDNN, ONNX Runtime, TensorRT."""
     import torch

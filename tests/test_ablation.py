@@ -58,3 +58,8 @@ def test_a_record_of_other_profile_settings_says_so(tmp_path):
     md = ablation.markdown(tmp_path / "older.json")
     assert "**Note.**" in md and f"labelmap_cases {older['labelmap_cases']!r} then, {now['labelmap_cases']!r} now" in md
     assert "predates" in ablation.stale_note(base)  # a record that stores no settings
+    # a record from an older generator (the same settings make other cases): stale too
+    other_generator = {**now, "generator_version": now["generator_version"] - 1}
+    assert f"generator_version {now['generator_version'] - 1} then" in ablation.stale_note({**base, "quick_profile": other_generator})
+    unrecorded = {k: v for k, v in now.items() if k != "generator_version"}
+    assert f"generator_version {now['generator_version']!r} now, not recorded then" in ablation.stale_note({**base, "quick_profile": unrecorded})

@@ -200,6 +200,61 @@ def test_largest_component_equals_monai():
         assert got.sum() <= mask.sum() and (i != 0 or got.sum() == 27)
 
 
+def test_of_comparable_components_the_surest_is_kept():
+    """A larger but less sure rival (the gluteal muscles a real scan showed) loses to the spleen; a
+    small sure island does not beat a large component; without a margin it is MONAI's rule."""
+    mask = np.zeros((40, 30, 30), np.uint8)
+    margin = np.full(mask.shape, -5.0, np.float32)
+    mask[2:12, 2:12, 2:12] = 1  # the spleen: 1,000 voxels, sure of itself
+    margin[2:12, 2:12, 2:12] = 6.0
+    mask[20:32, 5:17, 5:15] = 1  # a rival: 1,440 voxels, barely above the line
+    margin[20:32, 5:17, 5:15] = 0.8
+    kept = infer.keep_one_component(mask, margin)
+    assert kept.dtype == np.uint8 and kept.sum() == 1000 and kept[5, 5, 5] == 1 and kept[25, 10, 10] == 0
+    assert np.array_equal(infer.keep_one_component(mask), infer._largest_component(mask))  # no margin: the largest
+    assert infer._largest_component(mask)[25, 10, 10] == 1
+    # an island under RIVAL_FRACTION of the largest is no rival, however sure
+    small = mask.copy()
+    small[2:12, 2:12, 2:12] = 0
+    small[36:39, 25:28, 25:28] = 1  # 27 voxels
+    margin2 = margin.copy()
+    margin2[36:39, 25:28, 25:28] = 20.0
+    assert 27 < infer.RIVAL_FRACTION * 1440
+    assert np.array_equal(infer.keep_one_component(small, margin2), infer._largest_component(small))
+    # one component, or none: unchanged
+    single = np.zeros_like(mask)
+    single[2:12, 2:12, 2:12] = 1
+    assert np.array_equal(infer.keep_one_component(single, margin), single)
+    assert not infer.keep_one_component(np.zeros_like(mask), margin).any()
+
+
+@pytest.mark.parametrize("preprocess", ["fast", "monai"])
+def test_the_predictor_keeps_the_surest_component(preprocess):
+    """Through predict_volume: the margin, brought back to the input's grid, chooses."""
+    from spleen_utils.config import Recipe
+    from spleen_utils.io import Volume
+
+    class TwoBlobs:  # a big weak blob and a smaller sure one, wherever the image is bright
+        name, device, precision, meta, array_api = "blobs", "cpu", "fp32", {}, "numpy"
+        recipe = Recipe(pixdim=(2.0, 2.0, 2.0), sw_roi=(32, 32, 32), channels=(4, 8), strides=(2,))
+
+        def __call__(self, x):
+            x = np.asarray(x)
+            out = np.zeros((x.shape[0], 2, *x.shape[2:]), np.float32)
+            out[:, 1] = -4.0
+            out[:, 1, 1:11, 1:11, 1:11] = 5.0  # 1,000 voxels
+            out[:, 1, 13:27, 13:27, 13:27] = 0.5  # 2,744 voxels
+            return out
+
+    image = np.zeros((32, 32, 32), np.float32)
+    image[1:30, 1:30, 1:30] = 100.0  # the body: what the crop keeps
+    vol = Volume(image, np.diag([2.0, 2.0, 2.0, 1.0]), None)
+    surest, _ = infer.Predictor(TwoBlobs(), preprocess=preprocess, optimize=False).predict_volume(vol)
+    raw, _ = infer.Predictor(TwoBlobs(), lcc=False, preprocess=preprocess, optimize=False).predict_volume(vol)
+    assert raw[6, 6, 6] == 1 and raw[21, 21, 21] == 1  # two components, the weak one larger
+    assert surest[6, 6, 6] == 1 and surest[21, 21, 21] == 0 and surest.sum() < raw.sum() / 2
+
+
 def test_onnx_contract_is_the_exporters(onnx_model):
     from spleen_utils import export
 

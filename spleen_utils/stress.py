@@ -1,0 +1,145 @@
+"""Real scans as other scanners would show them: how a model and its post-processing hold up.
+
+A model is judged on scans it never saw, and this project has three real ones. Each is also
+changed here the way another scanner, protocol or field of view changes a scan: noise, a shifted
+HU calibration, a softer reconstruction kernel, thicker slices, a spleen whose top lies outside
+the field of view. Every version goes through one model once (``lcc=False``), and both ways of
+keeping one component are scored on the scan's own grid: MONAI's largest component, and the
+predictor's rule (:func:`spleen_utils.infer.keep_one_component`).
+
+Run: ``python -m spleen_utils.stress outputs/runs/quick [more run folders] --out stress.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .io import Volume
+
+Perturbation = Callable[[Volume, np.ndarray], "tuple[Volume, np.ndarray]"]
+
+
+def _thicker(vol: Volume, label: np.ndarray, mm: float = 5.0) -> tuple[Volume, np.ndarray]:
+    """Slices averaged in blocks to about ``mm`` (the label: majority of each block)."""
+    k = max(1, int(round(mm / vol.spacing[2])))
+    n = vol.shape[2] // k * k
+    image = vol.array[:, :, :n].reshape(*vol.shape[:2], -1, k).mean(axis=3)
+    lab = label[:, :, :n].reshape(*label.shape[:2], -1, k).mean(axis=3) >= 0.5
+    affine = vol.affine.copy()
+    affine[:3, 2] *= k
+    affine[:3, 3] += vol.affine[:3, 2] * (k - 1) / 2
+    return Volume(image.astype(np.float32), affine, vol.header), lab
+
+
+def _top_cut(vol: Volume, label: np.ndarray, keep: float = 0.6) -> tuple[Volume, np.ndarray]:
+    """The field of view ends inside the spleen: its upper 40% (along the array's last axis, the
+    superior side when the affine's z increases with it) is out of view."""
+    zs = np.nonzero(label.any(axis=(0, 1)))[0]
+    if zs.size == 0:
+        return vol, label
+    if vol.affine[2, 2] > 0:
+        cut = int(zs[0] + keep * (zs[-1] - zs[0]))
+        return Volume(vol.array[:, :, :cut].copy(), vol.affine, vol.header), label[:, :, :cut]
+    cut = int(zs[-1] - keep * (zs[-1] - zs[0]))
+    affine = vol.affine.copy()
+    affine[:3, 3] += vol.affine[:3, 2] * cut
+    return Volume(vol.array[:, :, cut:].copy(), affine, vol.header), label[:, :, cut:]
+
+
+def _noise(vol: Volume, label: np.ndarray) -> tuple[Volume, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return Volume(vol.array + rng.normal(0, 30, vol.shape).astype(np.float32), vol.affine, vol.header), label
+
+
+def _smooth(vol: Volume, label: np.ndarray) -> tuple[Volume, np.ndarray]:
+    from scipy import ndimage
+
+    sigma = [1.5 / s for s in vol.spacing]
+    return Volume(ndimage.gaussian_filter(vol.array, sigma).astype(np.float32), vol.affine, vol.header), label
+
+
+def _shift(hu: float) -> Perturbation:
+    return lambda vol, label: (Volume(vol.array + np.float32(hu), vol.affine, vol.header), label)
+
+
+#: name -> (volume, label) -> (changed volume, its label)
+PERTURBATIONS: dict[str, Perturbation] = {
+    "as stored": lambda vol, label: (vol, label),
+    "noise 30 HU": _noise,
+    "HU +30": _shift(30.0),
+    "HU -30": _shift(-30.0),
+    "smooth 1.5 mm": _smooth,
+    "5 mm slices": _thicker,
+    "top 40% cut": _top_cut,
+}
+
+
+def stress(run: str | Path, items: list[dict[str, str]], progress: bool = False) -> list[dict[str, Any]]:
+    """One row per real scan and perturbation: the Dice of each way of keeping one component.
+
+    Perturbations that would not change a scan (5 mm slices of a scan whose slices are thicker
+    already) are left out."""
+    from .infer import Predictor, _largest_component, keep_one_component, prepare, restore
+    from .io import load_nifti
+    from .metrics import dice
+
+    predictor = Predictor.from_path(Path(run) / "best_model.pt", backend="torch", device="cpu", precision="fp32", lcc=False)
+    rows = []
+    for item in items:
+        vol = load_nifti(item["image"])
+        label = load_nifti(item["label"], dtype=None).array > 0
+        for name, change in PERTURBATIONS.items():
+            if name == "5 mm slices" and vol.spacing[2] >= 4.0:
+                continue
+            v, lab = change(vol, label)
+            prep = prepare(v, predictor.recipe)
+            if prep is None or isinstance(prep, str):
+                continue
+            margin = predictor._margin(predictor.logits(prep.image[None]))[0]
+            *box, values = restore(np.ascontiguousarray(margin), prep)
+            full = np.full(v.shape, -1.0, np.float32)
+            full[tuple(box)] = values
+            raw = (full > 0).astype(np.uint8)
+            row = {"run": str(run), "scan": item["name"], "version": name,
+                   "dice_raw": dice(raw, lab), "dice_largest": dice(_largest_component(raw), lab),
+                   "dice_kept": dice(keep_one_component(raw, full), lab)}
+            rows.append(row)
+            if progress:
+                print(f"{Path(run).name} {item['name']} {name}: largest {row['dice_largest']:.3f}, kept {row['dice_kept']:.3f}", flush=True)
+    return rows
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean Dice and the masks with no spleen in them (Dice < 0.05), per rule."""
+    out: dict[str, Any] = {"masks": len(rows)}
+    for rule in ("largest", "kept"):
+        d = [r[f"dice_{rule}"] for r in rows]
+        out[rule] = {"mean_dice": float(np.mean(d)) if d else None, "no_spleen": sum(x < 0.05 for x in d)}
+    out["differ"] = sum(abs(r["dice_largest"] - r["dice_kept"]) > 1e-9 for r in rows)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .reproduce import real_cases
+
+    ap = argparse.ArgumentParser(prog="python -m spleen_utils.stress", description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="run folders holding best_model.pt")
+    ap.add_argument("--out", help="write the rows and the summary here (JSON)")
+    a = ap.parse_args(argv)
+    items, why = real_cases(validation=True)
+    print(why)
+    rows = [r for run in a.runs for r in stress(run, items, progress=True)]
+    result = {"rows": rows, "summary": summary(rows)}
+    print(json.dumps(result["summary"], indent=1))
+    if a.out:
+        Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
