@@ -3,8 +3,8 @@
 A model is judged on scans it never saw, and this project has three real ones. Each is also
 changed here the way another scanner, protocol or field of view changes a scan: noise, a shifted
 HU calibration, a softer reconstruction kernel, thicker slices, a spleen whose top lies outside
-the field of view. Every version goes through one model once (``lcc=False``), and both ways of
-keeping one component are scored on the scan's own grid: MONAI's largest component, and the
+the field of view. Every version goes through one model, and both ways of keeping one component
+are scored on the scan's own grid: MONAI's largest component, and the
 predictor's rule (:func:`spleen_utils.infer.keep_one_component`).
 
 Run: ``python -m spleen_utils.stress outputs/runs/quick [more run folders] --out stress.json``.
@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from .errors import SpleenError
 from .io import Volume
 
 Perturbation = Callable[[Volume, np.ndarray], "tuple[Volume, np.ndarray]"]
@@ -80,15 +82,19 @@ PERTURBATIONS: dict[str, Perturbation] = {
 
 
 def stress(run: str | Path, items: list[dict[str, str]], progress: bool = False) -> list[dict[str, Any]]:
-    """One row per real scan and perturbation: the Dice of each way of keeping one component.
+    """One row per real scan and perturbation: the Dice of each way of keeping one component
+    (:func:`spleen_utils.reproduce.component_rules`: the predictor once with every component,
+    once with its own rule).
 
     Perturbations that would not change a scan (5 mm slices of a scan whose slices are thicker
     already) are left out."""
-    from .infer import Predictor, _largest_component, keep_one_component, prepare, restore
+    from .infer import Predictor
     from .io import load_nifti
-    from .metrics import dice
+    from .reproduce import component_rules
 
-    predictor = Predictor.from_path(Path(run) / "best_model.pt", backend="torch", device="cpu", precision="fp32", lcc=False)
+    model = Path(run) / "best_model.pt"
+    raw = Predictor.from_path(model, backend="torch", device="cpu", precision="fp32", lcc=False)
+    kept = Predictor.from_path(model, backend="torch", device="cpu", precision="fp32")
     rows = []
     for item in items:
         vol = load_nifti(item["image"])
@@ -97,17 +103,9 @@ def stress(run: str | Path, items: list[dict[str, str]], progress: bool = False)
             if name == "5 mm slices" and vol.spacing[2] >= 4.0:
                 continue
             v, lab = change(vol, label)
-            prep = prepare(v, predictor.recipe)
-            if prep is None or isinstance(prep, str):
-                continue
-            margin = predictor._margin(predictor.logits(prep.image[None]))[0]
-            *box, values = restore(np.ascontiguousarray(margin), prep)
-            full = np.full(v.shape, -1.0, np.float32)
-            full[tuple(box)] = values
-            raw = (full > 0).astype(np.uint8)
+            r = component_rules(raw, kept, v, lab)
             row = {"run": str(run), "scan": item["name"], "version": name,
-                   "dice_raw": dice(raw, lab), "dice_largest": dice(_largest_component(raw), lab),
-                   "dice_kept": dice(keep_one_component(raw, full), lab)}
+                   **{k: r[k] for k in ("dice_raw", "dice_largest", "dice_kept")}}
             rows.append(row)
             if progress:
                 print(f"{Path(run).name} {item['name']} {name}: largest {row['dice_largest']:.3f}, kept {row['dice_kept']:.3f}", flush=True)
@@ -133,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     items, why = real_cases(validation=True)
     print(why)
-    rows = [r for run in a.runs for r in stress(run, items, progress=True)]
+    try:
+        rows = [r for run in a.runs for r in stress(run, items, progress=True)]
+    except SpleenError as e:  # a run without a model, a scan that cannot be read: one sentence
+        print(f"{ap.prog}: error: {e}", file=sys.stderr)
+        return 2
     result = {"rows": rows, "summary": summary(rows)}
     print(json.dumps(result["summary"], indent=1))
     if a.out:

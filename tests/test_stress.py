@@ -49,3 +49,9 @@ def test_summary_counts_masks_without_spleen_per_rule():
     s = stress.summary(rows)
     assert s["masks"] == 2 and s["largest"]["no_spleen"] == 1 and s["kept"]["no_spleen"] == 0 and s["differ"] == 1
     assert np.isclose(s["largest"]["mean_dice"], 0.4) and np.isclose(s["kept"]["mean_dice"], 0.85)
+
+
+def test_a_run_without_a_model_is_one_sentence(tmp_path, capsys):
+    assert stress.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m spleen_utils.stress: error:") and "Traceback" not in err and len(err.splitlines()) == 1
