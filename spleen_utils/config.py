@@ -254,6 +254,18 @@ PROFILES: dict[str, dict[str, Any]] = {
     # What did help is post-processing, not training: the left gluteal muscles these models mark on real CT
     # with the pelvis in view became the largest component on stressed real scans, and keeping the component
     # the network is surest of (infer.keep_one_component) removed every such failure (book/records/stress.json).
+    # Measured 2026-11-29, not kept: six extra tissue classes learned from the generated tissue maps (liver, kidney,
+    # stomach, bowel, muscle, pancreas; cross-entropy over all classes beside the Dice loss on the spleen's marginal,
+    # folded into background at inference). Generated validation rose (seeds 0 / 1: 0.749 -> 0.818, 0.778 -> 0.828),
+    # real CT did not (0.855 / 0.929 / 0.747 and 0.833 / 0.891 / 0.862), the stress mean fell (python -m
+    # spleen_utils.stress: 0.834 -> 0.792 and 0.869 -> 0.807; seed 1 became surer of the gluteal muscle than of a
+    # cut spleen), and a training step took 1.56x as long (0.77 vs 1.20 s for four 64^3 crops on 2 threads, timed
+    # side by side: the full-resolution output layers carry 8 channels, not 2).
+    # Also not kept (2026-11-29): the HU window's top at 264 instead of 164 HU, so that a contrast-enhanced spleen
+    # is not clipped to the kidney cortex's value. It helped where that should show (msd_spleen_8 30 HU brighter,
+    # in the stress tool: seeds 0 / 1 0.569 -> 0.861, 0.842 -> 0.883), but over four seeds ircad_1 fell (0.847,
+    # 0.850, 0.807, 0.801: mean 0.826; today's profile 0.859, 0.817 or 0.853, 0.858, 0.821: mean 0.839-0.848) and
+    # seed 2 lost its real scans (0.807 / 0.841 / 0.651, against 0.858 / 0.923 / 0.843).
     "quick": dict(
         dataset="Synthetic_Spleen",
         pixdim=(3.0, 3.0, 4.0),
