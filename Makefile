@@ -6,7 +6,7 @@ PROFILE ?= quick
 # torch is pinned in the same pip command as everything else: an unpinned torch pulls CUDA wheels.
 PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check -q torch==2.13.0 -e '.[book,test,serve,dicom]'
 
-.PHONY: env reproduce data train predict evaluate test test-fast test-notebooks cpp lab bench clean refresh-notebooks gpu-wheels gpu-check
+.PHONY: env reproduce test test-fast cpp lab clean refresh-notebooks gpu-wheels gpu-check
 
 env: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -61,4 +61,4 @@ refresh-notebooks: env
 	$(BIN)/spleen-seg reproduce --refresh-only
 
 clean:
-	rm -rf _build outputs/runs outputs/notebooks
+	rm -rf _build outputs/runs outputs/notebooks outputs/book

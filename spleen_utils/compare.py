@@ -277,12 +277,6 @@ def agreement_matrix(record: dict[str, Any]) -> tuple[list[str], np.ndarray]:
     return keys, m
 
 
-def save_record(record: dict[str, Any], path: str | Path) -> Path:
-    from .bench import write_json
-
-    return write_json(record, path)
-
-
 def load_record(path: str | Path) -> dict[str, Any]:
     try:
         doc = json.loads(Path(path).read_text())

@@ -44,7 +44,6 @@ BOOK_DIR = PROJECT_ROOT / "book"
 INTRO = BOOK_DIR / "intro.ipynb"
 EXECUTED_DIR = PROJECT_ROOT / "outputs" / "notebooks"
 STAGING_DIR = PROJECT_ROOT / "outputs" / "book"
-BUILD_DIR = PROJECT_ROOT / "_build"
 KERNEL_NAME = "spleen-seg"
 KERNEL_DISPLAY = "Python (spleen-seg)"
 #: metadata papermill and nbclient add to a notebook; none of it belongs in a committed notebook

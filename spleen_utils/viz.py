@@ -533,31 +533,6 @@ def volume_figure(rows: Sequence[dict[str, Any]], title: str = "") -> Figure:
     return fig
 
 
-def metrics_figure(records: Sequence[dict[str, Any]], title: str = "", value: str = "dice") -> Figure:
-    """A bar per case of ``value`` (e.g. ``dice``), coloured by each record's ``group`` if present."""
-    fig = Figure(figsize=(max(4.0, 0.55 * len(records) + 2), 3.2), layout="constrained")
-    ax = fig.subplots()
-    order: list[str] = []
-    for r in records:
-        if r.get("group", "") not in order:
-            order.append(r.get("group", ""))
-    palette = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3"]
-    for gi, g in enumerate(order):
-        idx = [i for i, r in enumerate(records) if r.get("group", "") == g]
-        vals = [np.nan if records[i].get(value) is None else records[i][value] for i in idx]
-        ax.bar(idx, vals, color=palette[gi % len(palette)], label=g or None)
-    ax.set_xticks(range(len(records)), [r["name"] for r in records], rotation=45, ha="right", fontsize=7)
-    ax.set_ylabel(value.replace("_", " "))
-    if value == "dice":
-        ax.set_ylim(0, 1)
-    if any(order):
-        ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    if title:
-        ax.set_title(title, fontsize=10)
-    return fig
-
-
 # ---------------------------------------------------------------------------------------------
 # frames, GIFs and the slice viewer
 

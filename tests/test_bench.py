@@ -134,6 +134,7 @@ def test_end_to_end_record(files, tmp_path):
     assert rec["baseline"]["roi"] == [160, 160, 160] and rec["baseline"]["precision"] == "fp32"
 
 
+@pytest.mark.slow
 def test_run_benchmark_writes_the_record(files, tmp_path):
     model, onnx_path, image = files
     out = tmp_path / "bench.json"

@@ -30,6 +30,8 @@ import torch
 
 from spleen_utils.config import Recipe
 
+pytestmark = pytest.mark.slow  # builds and runs the C++ program (make test-fast skips it)
+
 ROOT = Path(__file__).resolve().parents[1]
 CPP = ROOT / "cpp"
 BINARY = CPP / "build" / "spleen_infer"

@@ -532,6 +532,7 @@ def _post(client, data: bytes, endpoint="/segment", filename="series.zip"):
     return client.post(endpoint, files={"file": (filename, data, "application/zip")})
 
 
+@pytest.mark.slow
 def test_service_zip_in_seg_out(service_client, tmp_path):
     array, affine = body(), affine_for("LPS", spacing=(4.0, 4.0, 5.0))
     info = write_series(tmp_path / "s", array, affine, names="shuffled", ext="")

@@ -27,6 +27,8 @@ from spleen_utils.export import (
 from spleen_utils.backends import file_sha256
 from spleen_utils.model import build_network, load_model, save_checkpoint
 
+pytestmark = pytest.mark.slow  # exports and validates a full-size network (make test-fast skips it)
+
 
 def real_image() -> Path | None:
     """The real CT fixture when it is here (the same places as conftest's ``real_dir``)."""

@@ -47,6 +47,8 @@ from spleen_utils.service import (
     summarize,
 )
 
+pytestmark = pytest.mark.slow  # starts real servers and loads them (make test-fast skips it)
+
 ROOT = Path(__file__).resolve().parent.parent
 ROI = (64, 64, 32)  # a small sliding window keeps CPU tests quick; the service takes it as a setting
 #: an LPS image with an offset origin: orientation, spacing and inversion all have work to do

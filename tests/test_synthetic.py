@@ -286,6 +286,7 @@ def mixed(tmp_path_factory) -> Path:
                                    labelmap_cases=1, val_per_source=1)
 
 
+@pytest.mark.slow
 def test_mixed_set_has_tissue_maps_sources_and_folds(mixed):
     from spleen_utils.data import load_datalist, split_datalist
     from spleen_utils.samples import label_maps

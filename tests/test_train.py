@@ -11,6 +11,8 @@ from spleen_utils.model import load_model
 from spleen_utils.synthetic import generate_case, make_phantom
 from spleen_utils.train import train
 
+pytestmark = pytest.mark.slow  # trains networks (make test-fast skips them)
+
 
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory):
