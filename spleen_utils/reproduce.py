@@ -55,18 +55,6 @@ _CELL_NOISE = ("papermill", "execution")
 # helpers the notebooks share
 
 
-def real_data_dir() -> Path | None:
-    """The real CT fixtures' folder: ``$SPLEEN_REAL_DATA``, else ``../shared/data/real``; None if absent."""
-    candidates = []
-    if os.environ.get("SPLEEN_REAL_DATA"):
-        candidates.append(Path(os.environ["SPLEEN_REAL_DATA"]))
-    candidates.append(PROJECT_ROOT.parent / "shared" / "data" / "real")
-    for c in candidates:
-        if c.is_dir() and any(c.glob("*.nii*")):
-            return c
-    return None
-
-
 def real_cases(folder: str | Path | None = None, validation: bool = False) -> tuple[list[dict[str, str]], str]:
     """Real CT scans with spleen masks, and a sentence saying what was found.
 
@@ -88,7 +76,7 @@ def real_cases(folder: str | Path | None = None, validation: bool = False) -> tu
         why = f"{n_shipped} real CT scan(s) shipped with spleen_utils.samples"
         if validation:
             extra = [p["name"] for p in pairs if not p["shipped"]]
-            why += (f", and {', '.join(extra)} (validation only, not shipped) from {real_data_dir()}" if extra else
+            why += (f", and {', '.join(extra)} (validation only, not shipped) from {samples.real_data_dir()}" if extra else
                     "; the validation-only scan ircad_1 is not here (set SPLEEN_REAL_DATA or place it in ../shared/data/real)")
         return pairs, why
     folder = Path(folder)

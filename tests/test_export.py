@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -31,10 +30,11 @@ pytestmark = pytest.mark.slow  # exports and validates a full-size network (make
 
 
 def real_image() -> Path | None:
-    """The real CT fixture when it is here (the same places as conftest's ``real_dir``)."""
-    places = [Path(os.environ["SPLEEN_REAL_DATA"])] if os.environ.get("SPLEEN_REAL_DATA") else []
-    places.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "real")
-    return next((p / "totalseg_ct_3mm.nii.gz" for p in places if (p / "totalseg_ct_3mm.nii.gz").exists()), None)
+    """The real CT fixture when it is here (found as conftest's ``real_dir`` finds it)."""
+    from spleen_utils.samples import real_data_dir
+
+    d = real_data_dir("totalseg_ct_3mm.nii.gz")
+    return d / "totalseg_ct_3mm.nii.gz" if d else None
 
 
 def random_network(seed: int = 0) -> torch.nn.Module:

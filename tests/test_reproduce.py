@@ -49,9 +49,15 @@ def test_real_cases_default_to_the_shipped_samples_and_add_ircad_only_for_valida
 
 
 def test_real_data_dir_follows_the_environment(tmp_path, monkeypatch):
-    _nii(tmp_path / "x.nii.gz", np.zeros((2, 2, 2), np.uint8))
+    from spleen_utils.samples import real_data_dir
+
     monkeypatch.setenv("SPLEEN_REAL_DATA", str(tmp_path))
-    assert reproduce.real_data_dir() == tmp_path
+    assert real_data_dir() is None  # set, but holds no scan: not found (and no fall-back elsewhere)
+    _nii(tmp_path / "x.nii.gz", np.zeros((2, 2, 2), np.uint8))
+    assert real_data_dir() == tmp_path
+    assert real_data_dir("x.nii.gz") == tmp_path and real_data_dir("totalseg_ct_3mm.nii.gz") is None
+    monkeypatch.setenv("SPLEEN_REAL_DATA", str(tmp_path / "absent"))
+    assert real_data_dir() is None
 
 
 def test_lcc_effect_keeps_the_largest_component():

@@ -31,6 +31,7 @@ __all__ = [
     "label_maps",
     "label_map",
     "validation_cases",
+    "real_data_dir",
     "attribution",
 ]
 
@@ -153,13 +154,24 @@ def label_map(name: str) -> LabelMap:
     return maps[name]
 
 
-def _validation_dir() -> Path:
+def real_data_dir(require: str | None = None) -> Path | None:
+    """The folder of the real CT kept beside the project (never shipped), or None when it is not there.
+
+    ``$SPLEEN_REAL_DATA`` when that is set (and then only it), else ``../shared/data/real`` beside the
+    project. The folder counts when it holds ``require`` (a file name), or by default any NIfTI file.
+    The one rule the library, the notebooks and the tests use to find it.
+    """
     env = os.environ.get(REAL_DATA_ENV)
     if env:
-        return Path(env).expanduser()
-    from ..config import PROJECT_ROOT
+        d = Path(env).expanduser()
+    else:
+        from ..config import PROJECT_ROOT
 
-    return PROJECT_ROOT.parent / "shared" / "data" / "real"
+        d = PROJECT_ROOT.parent / "shared" / "data" / "real"
+    if not d.is_dir():
+        return None
+    found = (d / require).is_file() if require else any(d.glob("*.nii*"))
+    return d if found else None
 
 
 def validation_cases() -> list[RealCase]:
@@ -169,10 +181,10 @@ def validation_cases() -> list[RealCase]:
     ``$SPLEEN_REAL_DATA`` when that is set, else in ``../shared/data/real`` beside the project.
     Its licence forbids shipping it or publishing a model trained on it: validate only.
     """
-    d = _validation_dir()
-    image, label = d / "ircad_1_image.nii.gz", d / "ircad_1_spleen.nii.gz"
-    if not (image.is_file() and label.is_file()):
+    d = real_data_dir("ircad_1_image.nii.gz")
+    if d is None or not (d / "ircad_1_spleen.nii.gz").is_file():
         return []
+    image, label = d / "ircad_1_image.nii.gz", d / "ircad_1_spleen.nii.gz"
     return [
         RealCase(
             name="ircad_1",
