@@ -23,6 +23,11 @@ import numpy as np
 from .errors import SpleenError
 from .io import Volume
 
+from .config import PROJECT_ROOT
+
+#: the record the book reads (notebook 04); ``--out`` writes one
+RECORD = PROJECT_ROOT / "book" / "records" / "stress.json"
+
 Perturbation = Callable[[Volume, np.ndarray], "tuple[Volume, np.ndarray]"]
 
 
@@ -122,12 +127,32 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def run_description(run: str | Path) -> dict[str, Any]:
+    """What a run folder's model is: its profile, seed, data and training time (from ``run.json``
+    and ``summary.json``; empty fields when the run did not record them)."""
+    def read(name: str) -> dict[str, Any]:
+        try:
+            return json.loads((Path(run) / name).read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    cfg, summ = read("run.json").get("config", {}), read("summary.json")
+    return {"profile": cfg.get("profile"), "seed": cfg.get("seed"), "data": cfg.get("data_root"),
+            "best_epoch": summ.get("best_epoch"), "train_seconds": summ.get("train_seconds")}
+
+
 def main(argv: list[str] | None = None) -> int:
+    import shlex
+
+    import torch
+
+    from .bench import utc_now, write_json
     from .reproduce import real_cases
+    from .train import hardware
 
     ap = argparse.ArgumentParser(prog="python -m spleen_utils.stress", description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run folders holding best_model.pt")
-    ap.add_argument("--out", help="write the rows and the summary here (JSON)")
+    ap.add_argument("--out", help="write the record here (JSON: the command, date, machine, runs, rows and summary)")
     a = ap.parse_args(argv)
     items, why = real_cases(validation=True)
     print(why)
@@ -136,10 +161,19 @@ def main(argv: list[str] | None = None) -> int:
     except SpleenError as e:  # a run without a model, a scan that cannot be read: one sentence
         print(f"{ap.prog}: error: {e}", file=sys.stderr)
         return 2
-    result = {"rows": rows, "summary": summary(rows)}
+    result = {"what": "real scans and stressed versions of them through two ways of keeping one component "
+                      "(spleen_utils.stress)",
+              "command": f"{ap.prog} {shlex.join(sys.argv[1:] if argv is None else argv)}",
+              "date": utc_now(), "hardware": hardware(torch.device("cpu")),
+              "runs": {str(run): run_description(run) for run in a.runs},
+              "rows": rows, "summary": summary(rows)}
     print(json.dumps(result["summary"], indent=1))
     if a.out:
-        Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+        try:
+            write_json(result, a.out)  # atomic: a failed write leaves the old record whole
+        except OSError as e:
+            print(f"{ap.prog}: error: cannot write {a.out} ({e.strerror or e}); choose another --out.", file=sys.stderr)
+            return 2
     return 0
 
 

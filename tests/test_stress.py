@@ -55,3 +55,13 @@ def test_a_run_without_a_model_is_one_sentence(tmp_path, capsys):
     assert stress.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("python -m spleen_utils.stress: error:") and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_the_record_says_what_each_run_is(tmp_path):
+    import json
+
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"profile": "quick", "seed": 1, "data_root": "/d"}}))
+    (tmp_path / "summary.json").write_text(json.dumps({"best_epoch": 28, "train_seconds": 550.9}))
+    assert stress.run_description(tmp_path) == {"profile": "quick", "seed": 1, "data": "/d", "best_epoch": 28,
+                                                 "train_seconds": 550.9}
+    assert set(stress.run_description(tmp_path / "absent").values()) == {None}  # nothing recorded: said so
