@@ -15,8 +15,10 @@
 quick-profile notebooks back into ``notebooks/`` as their stored outputs, without papermill's
 injected-parameters cell and metadata, so ``pytest --nbval`` compares against a real quick run.
 
-The module also holds the small helpers the notebooks share: finding the real CT fixtures,
-preparing a profile's dataset, training or reusing a finished run, the environment report.
+It holds only the notebook runner, the book build and the results read from the run records;
+the notebooks' own helpers live with their stage (:mod:`spleen_utils.runs`: preparing a profile's
+data and training it once; :mod:`spleen_utils.evaluate`: predicting and scoring cases;
+:mod:`spleen_utils.provenance`: versions and the environment report).
 """
 
 from __future__ import annotations
@@ -24,8 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import re
 import shutil
 import subprocess
@@ -35,9 +35,12 @@ from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
-from .config import PROJECT_ROOT, Config, get_config
+from .config import PROJECT_ROOT, get_config
 from .errors import SpleenError
 from .progress import Watcher
+from .evaluate import real_role
+from .provenance import read_json as _read_json
+from .runs import EXPORT_REPORT, RUN_RECORD, SUMMARY, RunDir, rel
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 BOOK_DIR = PROJECT_ROOT / "book"
@@ -52,358 +55,17 @@ _CELL_NOISE = ("papermill", "execution")
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers the notebooks share
-
-
-def real_cases(folder: str | Path | None = None, validation: bool = False) -> tuple[list[dict[str, str]], str]:
-    """Real CT scans with spleen masks, and a sentence saying what was found.
-
-    By default the scans shipped with the library (:func:`spleen_utils.samples.real_cases`,
-    always there) and, with ``validation``, the ones that may be used for validation but never
-    shipped (``ircad_1``, when ``$SPLEEN_REAL_DATA`` or ``../shared/data/real`` holds it). Each
-    entry says where its label comes from (``label_source``: manual or model). A ``folder``
-    instead lists its own ``X_image`` + ``X_label`` or ``X`` + ``X_spleen`` pairs.
-    """
-    from .io import case_name, is_nifti_name
-
-    if folder is None:
-        from . import samples
-
-        cases = samples.real_cases() + (samples.validation_cases() if validation else [])
-        pairs = [{"name": c.name, "image": str(c.image), "label": str(c.label), "label_source": c.label_source,
-                  "shipped": str(c.image).startswith(str(samples.SAMPLES_DIR))} for c in cases]
-        n_shipped = sum(p["shipped"] for p in pairs)
-        why = f"{n_shipped} real CT scan(s) shipped with spleen_utils.samples"
-        if validation:
-            extra = [p["name"] for p in pairs if not p["shipped"]]
-            why += (f", and {', '.join(extra)} (validation only, not shipped) from {samples.real_data_dir()}" if extra else
-                    "; the validation-only scan ircad_1 is not here (set SPLEEN_REAL_DATA or place it in ../shared/data/real)")
-        return pairs, why
-    folder = Path(folder)
-    if not folder.is_dir():
-        return [], f"{folder} is not a folder of real CT scans"
-    files = {case_name(f): f for f in sorted(folder.iterdir()) if is_nifti_name(f)}
-    pairs = []
-    for stem, f in files.items():
-        if stem.endswith(("_label", "_spleen")):
-            continue
-        base = stem[: -len("_image")] if stem.endswith("_image") else stem
-        label = files.get(f"{base}_label") or files.get(f"{stem}_spleen")
-        if label is not None:
-            pairs.append({"name": base, "image": str(f), "label": str(label)})
-    if not pairs:
-        return [], f"{folder} holds no image/label pair"
-    return pairs, f"{len(pairs)} real CT scan(s) with spleen masks in {folder}"
-
-
-def real_role(case: dict[str, Any], cfg: Config) -> str:
-    """What a real scan was to a run of ``cfg``: trained on, held out, or never seen."""
-    name = case.get("name")
-    if name in cfg.real_train:
-        return "trained on"
-    if name in cfg.real_val:
-        return "held out: validated, never chose the checkpoint"
-    return "never trained on" + ("" if case.get("shipped", True) else ", validation only, not shipped")
-
-
-def prepare_dataset(cfg: Config, progress: bool = False) -> str:
-    """Make sure ``cfg``'s dataset is on disk; returns what was done, in one sentence.
-
-    The quick profile's synthetic set is (re)generated when it is missing or was written by
-    another version of the generator (deterministic: the same files on every machine); the full
-    profile downloads MSD Task09 (1.5 GB, verified) when it is not there yet.
-    """
-    marker = cfg.dataset_dir / "dataset.json"
-    if cfg.dataset.startswith("Synthetic"):
-        from .synthetic import write_profile_dataset
-
-        before = marker.read_text() if marker.exists() else None
-        t0 = time.perf_counter()
-        write_profile_dataset(cfg, progress=progress)
-        if before is not None and marker.read_text() == before:
-            return f"found {cfg.dataset} in {rel(cfg.data_root)}"
-        return f"generated {cfg.dataset} in {rel(cfg.data_root)} ({time.perf_counter() - t0:.0f} s)"
-    if marker.exists():
-        return f"found {cfg.dataset} in {rel(cfg.data_root)}"
-    from .data import download_msd
-
-    download_msd(cfg.data_root, progress=progress)
-    return f"downloaded and verified {cfg.dataset} into {rel(cfg.data_root)}"
-
-
-def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """A run's configuration without the fields that only say where files are."""
-    c = json.loads(json.dumps(config, default=str))
-    for k in ("data_root", "out_dir"):
-        c.pop(k, None)
-    return c
-
-
-def _same_run(cfg: Config, out: Path) -> tuple[bool, str]:
-    """Whether ``out/run.json`` records exactly ``cfg`` trained on exactly ``cfg``'s files, and why not."""
-    from .data import dataset_checksums
-    from .train import datalists
-
-    try:
-        run = json.loads((out / "run.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False, f"the run records in {rel(out)} are missing or unreadable"
-    if _comparable(run.get("config", {})) != _comparable(cfg.to_dict()):
-        return False, f"the run in {rel(out)} used another configuration"
-    train_items, val_items = datalists(cfg)  # the dataset's cases and the shipped real scans it names
-    if run.get("data_md5") != dataset_checksums(train_items + val_items):
-        return False, f"the run in {rel(out)} was trained on other data"
-    return True, "same configuration and data"
-
-
-def finished_run(cfg: Config) -> tuple[dict[str, Any] | None, str]:
-    """The summary of a finished run of exactly ``cfg`` on the same data in ``cfg.out_dir``, and why not."""
-    out = Path(cfg.out_dir)
-    if not all((out / n).exists() for n in ("summary.json", "run.json", "best_model.pt")):
-        return None, f"no finished run in {rel(out)}"
-    same, why = _same_run(cfg, out)
-    if not same:
-        return None, why
-    summary = _read_json(out / "summary.json")
-    if not isinstance(summary, dict) or summary.get("epochs") != cfg.epochs:
-        return None, f"the run in {rel(out)} stopped before epoch {cfg.epochs}"
-    return summary, why
-
-
-def train_or_reuse(cfg: Config, retrain: bool = False, progress: bool = True) -> tuple[dict[str, Any], str]:
-    """Train ``cfg``, or reuse a finished run of the same configuration and data.
-
-    - a finished run of exactly this configuration on exactly these files (MD5 of every case)
-      is reused, unless ``retrain``;
-    - an interrupted run of this configuration on these files is resumed from its ``last.pt``;
-    - any other run in the folder is moved aside to ``<out_dir>.previous-<time>`` (never
-      deleted), then training starts afresh.
-
-    Returns the run's summary and one sentence saying which of these happened.
-    """
-    from .train import train
-
-    out = Path(cfg.out_dir)
-    summary, why = finished_run(cfg)
-    if summary is not None and not retrain:
-        return summary, f"reused the finished run in {rel(out)} ({why})"
-    resume = False
-    if out.exists() and any(out.iterdir()):
-        interrupted = (out / "last.pt").exists() and not (out / "summary.json").exists()
-        same, why_not = _same_run(cfg, out) if interrupted and not retrain else (False, why)
-        if same:
-            resume, why = True, "an interrupted run of the same configuration and data"
-        else:
-            aside = out.with_name(f"{out.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.replace(out, aside)
-            why = f"{why_not if interrupted else why}; the previous run was moved to {aside.name}"
-    t0 = time.perf_counter()
-    summary = train(cfg, resume=resume, progress=progress)
-    verb = "resumed and finished" if resume else "trained"
-    n = summary["epochs"]
-    return summary, f"{verb} {cfg.profile} for {n} epoch{'s' if n != 1 else ''} in {time.perf_counter() - t0:.0f} s ({why})"
-
-
-def predict_items(predictor, items: Sequence[dict[str, str]], out_dir: str | Path,
-                  record: str | Path | None = None) -> list[dict[str, Any]]:
-    """Predict each item's image into ``out_dir/<case>.nii.gz``; the records also go to ``record`` (JSON)."""
-    from .io import case_name
-
-    out_dir = Path(out_dir)
-    records = []
-    for item in items:
-        name = item.get("name") or case_name(item["image"])
-        rec = predictor.predict_file(item["image"], out_dir / f"{name}.nii.gz")
-        rec["name"] = name
-        records.append(rec)
-    if record is not None:
-        Path(record).parent.mkdir(parents=True, exist_ok=True)
-        Path(record).write_text(json.dumps(records, indent=2) + "\n")
-    return records
-
-
-def evaluate_items(records: Sequence[dict[str, Any]], items: Sequence[dict[str, str]],
-                   json_out: str | Path | None = None) -> dict[str, Any]:
-    """Dice, HD95 and volumes of predicted masks (``records`` of :func:`predict_items`) against the items' labels."""
-    from .metrics import evaluate_case, summarize
-
-    cases = []
-    for rec, item in zip(records, items):
-        if "label" not in item:
-            continue
-        case = evaluate_case(rec["output"], item["label"])
-        case["name"] = rec.get("name", case["name"])
-        cases.append(case)
-    result = summarize(cases)
-    if json_out is not None:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
-    return result
-
-
-def masks_on_grid(records: Sequence[dict[str, Any]]) -> bool:
-    """Whether every written mask has exactly its input image's shape and affine."""
-    from .io import load_nifti, same_grid
-
-    return all(same_grid(load_nifti(r["output"], dtype=None), load_nifti(r["input"], dtype=None)) for r in records)
-
-
-def describe_grid(shape: Sequence[int], affine: Any) -> str:
-    """``"427 x 427 x 41 voxels of 0.85 x 0.85 x 4.42 mm, LPS"`` for a grid."""
-    import nibabel as nib
-    import numpy as np
-
-    affine = np.asarray(affine, dtype=np.float64)
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    dims = " x ".join(str(int(s)) for s in tuple(shape)[-3:])
-    mm = " x ".join(f"{v:.3g}" for v in spacing)
-    return f"{dims} voxels of {mm} mm, {''.join(nib.aff2axcodes(affine))}"
-
-
-def lcc_effect(raw: Any, label: Any | None, spacing: Sequence[float]) -> tuple[Any, dict[str, Any]]:
-    """Keep the largest connected component of a raw mask; returns the new mask and what changed.
-
-    The same operation as the Predictor's post-processing (MONAI ``KeepLargestConnectedComponent``,
-    26-connectivity), with the components counted (``scipy.ndimage.label``) and, when a label is
-    given, the Dice before and after.
-    """
-    import numpy as np
-    import torch
-    from monai.transforms import KeepLargestConnectedComponent
-    from scipy import ndimage
-
-    from .metrics import dice, volume_ml
-
-    raw = np.asarray(raw, dtype=np.uint8)
-    # MONAI's transform may work in place: it gets a copy, so ``raw`` is never modified
-    kept = KeepLargestConnectedComponent(applied_labels=[1], connectivity=3)(torch.from_numpy(raw.copy())[None])[0]
-    kept = np.array(kept.cpu().numpy() if hasattr(kept, "cpu") else kept, dtype=np.uint8)
-    info: dict[str, Any] = {
-        "components_before": int(ndimage.label(raw > 0, structure=np.ones((3, 3, 3)))[1]),
-        "components_after": int(ndimage.label(kept > 0, structure=np.ones((3, 3, 3)))[1]),
-        "ml_before": volume_ml(raw, spacing),
-        "ml_after": volume_ml(kept, spacing),
-        "voxels_removed": int(raw.sum()) - int(kept.sum()),
-    }
-    if label is not None:
-        info["dice_before"] = dice(raw, label)
-        info["dice_after"] = dice(kept, label)
-        info["label_ml"] = volume_ml(np.asarray(label) > 0, spacing)
-    return kept, info
-
-
-def component_rules(raw_predictor, predictor, vol, label: Any) -> dict[str, Any]:
-    """One scan through the two ways of keeping one component: MONAI's largest (applied to
-    ``raw_predictor``'s mask, which keeps every component) and ``predictor``'s own rule
-    (:func:`spleen_utils.infer.keep_one_component`). Dice and mL of each, and the raw mask's
-    component count."""
-    import numpy as np
-
-    from .metrics import dice, volume_ml
-
-    raw, _ = raw_predictor.predict_volume(vol)
-    _, info = lcc_effect(raw, label, vol.spacing)
-    kept, _ = predictor.predict_volume(vol)
-    label = np.asarray(label) > 0
-    return {"components": info["components_before"], "dice_raw": info["dice_before"],
-            "dice_largest": info["dice_after"], "dice_kept": dice(kept, label),
-            "ml_largest": info["ml_after"], "ml_kept": volume_ml(kept, vol.spacing), "label_ml": info["label_ml"]}
-
-
-def environment_report() -> dict[str, Any]:
-    """What this machine offers the tutorial: Python, CPU, memory, PyTorch/CUDA/cuDNN, ONNX Runtime, TensorRT."""
-    import torch
-
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_cores": os.cpu_count(),
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        import psutil
-
-        info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
-    except Exception:
-        info["memory_gib"] = None
-    info["torch"] = torch.__version__
-    info["cuda_available"] = torch.cuda.is_available()
-    info["cuda"] = torch.version.cuda
-    info["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-    info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    try:
-        import onnxruntime as ort
-
-        info["onnxruntime"] = ort.__version__
-        info["onnxruntime_providers"] = ort.get_available_providers()
-    except Exception as e:
-        info["onnxruntime"] = f"not importable ({type(e).__name__})"
-        info["onnxruntime_providers"] = []
-    try:
-        from .backends import available_backends
-
-        info["backends"] = available_backends()
-    except Exception as e:  # the deployment modules may be absent in a trimmed install
-        info["backends"] = {"torch": "available", "error": f"{type(e).__name__}: {e}"}
-    return info
-
-
-def library_versions() -> dict[str, str]:
-    """The pinned libraries the tutorial depends on, as installed."""
-    from importlib import metadata
-
-    names = ["spleen-utils", "torch", "monai", "numpy", "nibabel", "scikit-image", "onnx", "onnxruntime", "matplotlib"]
-    out = {}
-    for n in names:
-        try:
-            out[n] = metadata.version(n)
-        except metadata.PackageNotFoundError:
-            out[n] = "not installed"
-    return out
-
-
-def run_dir(profile: str) -> Path:
-    from .config import get_config
-
-    return Path(get_config(profile).out_dir)
-
-
-def rel(path: str | Path) -> str:
-    """``path`` relative to the project root when inside it (stable text for notebooks)."""
-    p = Path(path).resolve()
-    try:
-        return str(p.relative_to(PROJECT_ROOT))
-    except ValueError:
-        return str(path)
-
-
-# ---------------------------------------------------------------------------------------------
 # headline results from the run records
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def headline_results(profile: str = "quick") -> list[tuple[str, str]]:
     """(what, value) rows read from ``outputs/runs/<profile>/``; ``not run`` where a record is missing."""
-    out = run_dir(profile)
-    summary = _read_json(out / "summary.json") or {}
-    run = _read_json(out / "run.json") or {}
+    out = RunDir.of(profile)
+    summary = out.read(SUMMARY) or {}
+    run = out.read(RUN_RECORD) or {}
     rows: list[tuple[str, str]] = [("profile", profile)]
     if not summary:
-        rows.append(("training", f"not run (no {rel(out / 'summary.json')})"))
+        rows.append(("training", f"not run (no {rel(out.summary)})"))
         return rows
     data = summary.get("dataset", "?") + (" (synthetic)" if summary.get("synthetic") else "")
     if summary.get("real_train"):
@@ -418,32 +80,32 @@ def headline_results(profile: str = "quick") -> list[tuple[str, str]]:
     detail = f"; per source {', '.join(f'{k} {v:.3f}' for k, v in by_source.items())}" if by_source else ""
     rows.append(("best validation Dice", f"{summary['best_val_dice']:.3f} at epoch {summary.get('best_epoch')} (resampled grid{detail})"))
     rows.append(("training time", f"{summary.get('train_seconds', 0) / 60:.1f} min"))
-    ev = _read_json(out / "eval" / "validation.json")
+    ev = out.read("eval/validation.json")
     if ev and ev.get("n"):
         hd = "n/a" if ev.get("mean_hd95_mm") is None else f"{ev['mean_hd95_mm']:.1f} mm"
         rows.append(("held-out Dice / HD95", f"{ev['mean_dice']:.3f} / {hd} ({ev['n']} cases, original grid)"))
     else:
         rows.append(("held-out Dice / HD95", "not run (notebook 03)"))
-    real = _read_json(out / "eval" / "real.json")
+    real = out.read("eval/real.json")
     if real and real.get("n"):
         cfg = get_config(profile)
         parts = [f"{c['name']} {c['dice']:.3f} ({real_role({'name': c['name'], 'shipped': c['name'] != 'ircad_1'}, cfg)})"
                  for c in real["cases"]]
         rows.append(("real CT Dice (original grid)", ", ".join(parts)))
-    preds = _read_json(out / "predictions" / "validation.json")
+    preds = out.read("predictions/validation.json")
     if preds:
         t = sorted(r["timings"]["total_s"] for r in preds)
         rows.append(("inference per case", f"{t[len(t) // 2]:.1f} s median over {len(t)} cases ({preds[0].get('backend', '?')})"))
-    export = _read_json(out / "export.json")
+    export = out.read(EXPORT_REPORT)
     if export:
         diff = max(export.get("max_abs_diff", {}).values() or [float("nan")])
         rows.append(("ONNX export", f"opset {export.get('opset')}, largest difference from PyTorch {diff:.1e}"))
-    backends = _read_json(out / "eval" / "backends.json")
+    backends = out.read("eval/backends.json")
     if backends and backends.get("summary", {}).get("min_agreement"):
         pairs = backends["summary"]["min_agreement"]
         rows.append(("backend agreement", ", ".join(f"{k.replace('|', ' vs ')} {v:.4f}" for k, v in pairs.items())
                      + " (smallest Dice between the two masks over all cases)"))
-    bench = _read_json(out / "bench" / "bench.json")
+    bench = out.read("bench/bench.json")
     if bench and bench.get("patch", {}).get("rows"):
         best = min(bench["patch"]["rows"], key=lambda r: r["ms_per_patch"])
         where = (bench.get("hardware") or {}).get("gpu") or (bench.get("hardware") or {}).get("cpu")
@@ -461,9 +123,9 @@ def headline_results(profile: str = "quick") -> list[tuple[str, str]]:
 
 def profile_note(profile: str = "quick") -> str:
     """One paragraph under the results table: where the numbers come from."""
-    summary = _read_json(run_dir(profile) / "summary.json") or {}
+    summary = RunDir.of(profile).read(SUMMARY) or {}
     record = _read_json(EXECUTED_DIR / profile / "reproduce.json") or {}
-    run = _read_json(run_dir(profile) / "run.json") or {}
+    run = RunDir.of(profile).read(RUN_RECORD) or {}
     parts = []
     if summary.get("synthetic"):
         real = ", ".join(summary.get("real_train") or []) or "no real scan"

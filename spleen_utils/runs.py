@@ -104,7 +104,33 @@ class RunDir:
 
 
 # ---------------------------------------------------------------------------------------------
-# training a profile once
+# a profile's data, and training it once
+
+
+def prepare_dataset(cfg: Config, progress: bool = False) -> str:
+    """Make sure ``cfg``'s dataset is on disk; returns what was done, in one sentence.
+
+    The quick profile's synthetic set is (re)generated when it is missing or was written by
+    another version of the generator (deterministic: the same files on every machine); the full
+    profile downloads MSD Task09 (1.5 GB, verified) when it is not there yet.
+    """
+    marker = cfg.dataset_dir / "dataset.json"
+    if cfg.dataset.startswith("Synthetic"):
+        from .synthetic import write_profile_dataset
+
+        before = marker.read_text() if marker.exists() else None
+        t0 = time.perf_counter()
+        write_profile_dataset(cfg, progress=progress)
+        if before is not None and marker.read_text() == before:
+            return f"found {cfg.dataset} in {rel(cfg.data_root)}"
+        return f"generated {cfg.dataset} in {rel(cfg.data_root)} ({time.perf_counter() - t0:.0f} s)"
+    if marker.exists():
+        return f"found {cfg.dataset} in {rel(cfg.data_root)}"
+    from .data import download_msd
+
+    download_msd(cfg.data_root, progress=progress)
+    return f"downloaded and verified {cfg.dataset} into {rel(cfg.data_root)}"
+
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:

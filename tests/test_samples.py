@@ -215,3 +215,15 @@ def test_import_does_not_pull_torch():
     env = {k: v for k, v in os.environ.items() if k != "SPLEEN_REAL_DATA"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
+
+
+def test_real_data_dir_follows_the_environment(tmp_path, monkeypatch):
+    from spleen_utils.samples import real_data_dir
+
+    monkeypatch.setenv("SPLEEN_REAL_DATA", str(tmp_path))
+    assert real_data_dir() is None  # set, but holds no scan: not found (and no fall-back elsewhere)
+    nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.uint8), np.eye(4)), str(tmp_path / "x.nii.gz"))
+    assert real_data_dir() == tmp_path
+    assert real_data_dir("x.nii.gz") == tmp_path and real_data_dir("totalseg_ct_3mm.nii.gz") is None
+    monkeypatch.setenv("SPLEEN_REAL_DATA", str(tmp_path / "absent"))
+    assert real_data_dir() is None
