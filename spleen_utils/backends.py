@@ -15,14 +15,11 @@ and TensorRT backends.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
-import json
-import math
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import Recipe
 from .errors import SpleenError
@@ -30,51 +27,8 @@ from .errors import SpleenError
 if TYPE_CHECKING:  # annotations only: importing this module must not import torch
     import torch
 
-#: the ONNX file's contract, read without importing the exporter (which imports torch);
-#: the ONNX file contract, defined here (no torch needed to read it); :mod:`spleen_utils.export` imports it
-ONNX_FORMAT = "spleen_utils.onnx/1"
-INPUT_NAME = "input"
-OUTPUT_NAME = "output"
-ONNX_JSON_KEYS = ("recipe", "network", "labels", "versions", "source_checkpoint")
-ONNX_REQUIRED_KEYS = ("spleen_utils.format", "recipe", "network", "labels", "source_checkpoint_sha256", "versions", "opset", "exporter")
-
-
-def parse_onnx_metadata(props: Mapping[str, str], source: str | Path = "model") -> dict[str, Any]:
-    """The string metadata of a spleen_utils ONNX model (from onnx or an ORT session), decoded and
-    validated: ``{"format", "recipe", "network", "labels", "source_checkpoint_sha256", "versions",
-    "opset", "exporter", ...}`` with the JSON values decoded and ``opset`` an int. Torch-free;
-    :mod:`spleen_utils.export` uses it as ``parse_metadata``."""
-    fmt = props.get("spleen_utils.format")
-    if fmt is None:
-        raise SpleenError(
-            f"{source}: an ONNX model without spleen_utils metadata; export it with spleen_utils.export.export_onnx "
-            "so that it carries its recipe."
-        )
-    if fmt != ONNX_FORMAT:
-        raise SpleenError(f"{source}: spleen_utils ONNX format {fmt!r} is not the one this version reads ({ONNX_FORMAT}).")
-    missing = [k for k in ONNX_REQUIRED_KEYS if k not in props]
-    if missing:
-        raise SpleenError(f"{source}: the spleen_utils metadata lacks {', '.join(missing)}; export the model again.")
-    out: dict[str, Any] = {"format": fmt}
-    for k, v in props.items():
-        if k == "spleen_utils.format":
-            continue
-        if k in ONNX_JSON_KEYS:
-            try:
-                out[k] = json.loads(v)
-            except json.JSONDecodeError:
-                raise SpleenError(f"{source}: the metadata entry {k!r} is not valid JSON; export the model again.") from None
-        elif k == "opset":
-            out[k] = int(v)
-        else:
-            out[k] = v
-    Recipe.from_model(out.get("recipe"), str(source))  # a recipe read from a file is validated
-    return out
-
-
-def spatial_multiple(recipe: Recipe) -> int:
-    """Spatial sizes the network accepts are multiples of this (product of the strides: 16)."""
-    return int(math.prod(int(s) for s in recipe.strides))
+# the contract of the three model files (names, metadata, validation) is the artifact module's
+from .artifact import INPUT_NAME, OUTPUT_NAME, file_sha256, parse_onnx_metadata, read_engine_sidecar, spatial_multiple
 
 
 class Device:
@@ -248,7 +202,7 @@ class TensorRTBackend:
     def __init__(self, engine_path: str | Path, device: str = "cuda"):
         import torch
 
-        from .export import read_engine_sidecar, tensorrt_available
+        from .export import tensorrt_available
         from .model import resolve_device
 
         engine_path = Path(engine_path)
@@ -336,12 +290,6 @@ def available_backends() -> dict[str, str]:
 
 BACKENDS = ("auto", "torch", "onnx", "tensorrt")
 SUFFIXES = {".pt": "torch", ".pth": "torch", ".onnx": "onnx", ".engine": "tensorrt", ".plan": "tensorrt"}
-
-
-def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of a file (how an ONNX file names the checkpoint it was exported from)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _gpu_visible() -> bool:

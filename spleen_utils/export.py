@@ -6,24 +6,9 @@ One self-contained ONNX file per model
 with the weights inline (no external data file). Input ``input`` is ``(N, 1, X, Y, Z)`` float32,
 output ``output`` is ``(N, C, X, Y, Z)`` float32 logits; the batch and all three spatial axes are
 dynamic (the residual UNet needs spatial sizes divisible by 16, the product of its strides).
-The file describes itself in ``metadata_props`` (string values, JSON for structures), so
-``predict``, the C++ program and the service need nothing else:
-
-=============================  =====================================================================
-key                            value
-=============================  =====================================================================
-``spleen_utils.format``        ``spleen_utils.onnx/1`` (:data:`ONNX_FORMAT`)
-``recipe``                     JSON of :meth:`Recipe.to_dict` (pixdim, orientation, hu_window,
-                               patch_size, sw_roi, sw_batch_size, overlap, labels, ...)
-``network``                    JSON of the network's keyword arguments (``monai.networks.nets.UNet``)
-``network_name``               the network class
-``labels``                     JSON list of label names, index = channel
-``source_checkpoint_sha256``   SHA-256 of the ``.pt`` file it came from
-``source_checkpoint``          JSON: file name, the checkpoint's versions and scalar extras (epoch, metric)
-``versions``                   JSON: libraries at export time (torch, monai, onnx, onnxruntime, ...)
-``opset``                      the ``ai.onnx`` opset of the graph
-``exporter``                   ``dynamo`` or ``torchscript`` (see below)
-=============================  =====================================================================
+The file describes itself in ``metadata_props``: the recipe, network, labels, the source
+checkpoint's hash and the library versions (the keys are declared in :mod:`spleen_utils.artifact`),
+so ``predict``, the C++ program and the service need nothing else.
 
 Which exporter, and why
 -----------------------
@@ -64,13 +49,12 @@ equivalent ``trtexec`` command line (:func:`trtexec_command`).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shlex
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,15 +64,12 @@ import torch
 from .config import Recipe
 from .errors import SpleenError
 from .io import atomic_path, temp_beside
-from .model import library_versions, load_model
+from .model import load_model
 
-# the file contract (names, metadata keys and their parser) is defined once, in the torch-free
-# backends module that reads it; the exporter writes what it declares
-from .backends import INPUT_NAME, ONNX_FORMAT, OUTPUT_NAME, file_sha256
-from .backends import ONNX_JSON_KEYS as JSON_KEYS  # metadata keys whose values are JSON
-from .backends import ONNX_REQUIRED_KEYS as REQUIRED_KEYS
-from .backends import parse_onnx_metadata as parse_metadata
-from .backends import spatial_multiple
+# the file contract (tensor names, metadata keys, the sidecar) is declared in the torch-free
+# artifact module; the exporter writes what it declares
+from .artifact import (INPUT_NAME, OUTPUT_NAME, engine_sidecar, file_sha256, onnx_metadata, read_onnx_metadata, spatial_multiple,
+                       write_engine_sidecar)
 
 DEFAULT_OPSET = 18
 #: the lowest opset the dynamo exporter implements; below it the TorchScript exporter is used
@@ -118,65 +99,8 @@ def _quiet_exporter():
             lg.setLevel(lvl)
 
 
-def _atomic_write_bytes(data: bytes, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return path
-
-
-def export_versions() -> dict[str, str]:
-    """Library versions at export time (the checkpoint keeps those it was trained with)."""
-    v = dict(library_versions())
-    for mod in ("onnx", "onnxruntime", "onnxscript"):
-        try:
-            v[mod] = __import__(mod).__version__
-        except Exception:  # an optional library that is absent is simply not recorded
-            pass
-    return v
-
-
 # ----------------------------------------------------------------------------------------------
 # metadata
-
-
-def _metadata(ckpt_path: Path, ckpt: dict[str, Any], recipe: Recipe, opset: int, exporter: str) -> dict[str, str]:
-    scalars = {
-        k: v
-        for k, v in ckpt.items()
-        if k not in ("state_dict", "optimizer", "scaler", "network", "recipe", "labels", "versions", "format")
-        and isinstance(v, (int, float, str, bool, type(None)))
-    }
-    network = ckpt.get("network") or {}
-    return {
-        "spleen_utils.format": ONNX_FORMAT,
-        "recipe": json.dumps(recipe.to_dict()),
-        "network": json.dumps(network.get("kwargs", recipe.network_kwargs())),
-        "network_name": str(network.get("name", "monai.networks.nets.UNet")),
-        "labels": json.dumps(list(recipe.labels)),
-        "source_checkpoint_sha256": file_sha256(ckpt_path),
-        "source_checkpoint": json.dumps({"file": ckpt_path.name, "versions": ckpt.get("versions", {}), **scalars}),
-        "versions": json.dumps(export_versions()),
-        "opset": str(int(opset)),
-        "exporter": exporter,
-    }
-
-
-def _load_onnx(path: Path):
-    import onnx
-
-    if not path.exists():
-        raise SpleenError(f"{path}: no such ONNX file.")
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf raises DecodeError, onnx raises others
-        raise SpleenError(f"{path}: not a readable ONNX model ({type(e).__name__}).") from None
-
-
-def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
-    """The parsed spleen_utils metadata of an ONNX file (see :func:`parse_metadata`)."""
-    path = Path(path)
-    model = _load_onnx(path)
-    return parse_metadata({p.key: p.value for p in model.metadata_props}, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,7 +209,7 @@ def export_onnx(
         if actual != opset:
             raise SpleenError(f"the {exporter} exporter wrote opset {actual} when {opset} was asked for.")
         del proto.metadata_props[:]
-        for k, v in _metadata(checkpoint, ckpt, recipe, actual, exporter).items():
+        for k, v in onnx_metadata(checkpoint, ckpt, recipe, actual, exporter).items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = k, v
         proto.doc_string = (
@@ -419,12 +343,6 @@ def tensorrt_available() -> tuple[bool, str]:
         return False, f"TensorRT could not be checked ({type(e).__name__}: {e})"
 
 
-def engine_sidecar(engine_path: str | Path) -> Path:
-    """The JSON description written beside an engine: ``model.engine`` -> ``model.engine.json``."""
-    engine_path = Path(engine_path)
-    return engine_path.with_name(engine_path.name + ".json")
-
-
 def _profile_shapes(
     recipe: Recipe,
     min_batch: int,
@@ -528,7 +446,7 @@ def build_trt_engine(
         what = "TensorRT is not installed here" if "not installed" in reason else f"TensorRT cannot run here ({reason})"
         raise SpleenError(
             f"{what}; build the engine on a machine with an NVIDIA GPU and TensorRT 10, where the equivalent trtexec "
-            f"command is: {cmd} (then write {engine_sidecar(out).name} with spleen_utils.export.write_engine_sidecar)."
+            f"command is: {cmd} (then write {engine_sidecar(out).name} with spleen_utils.artifact.write_engine_sidecar)."
         )
     import tensorrt as trt
 
@@ -552,7 +470,8 @@ def build_trt_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise SpleenError(f"TensorRT could not build an engine from {onnx_path} (see its log above).")
-    _atomic_write_bytes(bytes(serialized), out)
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(bytes(serialized))
     write_engine_sidecar(
         out,
         meta,
@@ -569,43 +488,3 @@ def build_trt_engine(
     return out
 
 
-def write_engine_sidecar(
-    engine_path: str | Path,
-    onnx_meta: Mapping[str, Any],
-    shapes: Sequence[Sequence[int]],
-    precision: str = "fp16",
-    extra: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write ``<engine>.json``: the ONNX metadata plus ``engine`` (profile shapes, precision, ...).
-
-    :func:`build_trt_engine` calls it; after a ``trtexec`` build, call it by hand with
-    ``read_onnx_metadata(onnx)`` and the shapes given to trtexec.
-    """
-    doc = dict(onnx_meta)
-    doc["engine"] = {
-        "input": INPUT_NAME,
-        "output": OUTPUT_NAME,
-        "profile": {k: list(s) for k, s in zip(("min", "opt", "max"), shapes)},
-        "precision": precision,
-        **(extra or {}),
-    }
-    path = engine_sidecar(engine_path)
-    _atomic_write_bytes((json.dumps(doc, indent=2) + "\n").encode(), path)
-    return path
-
-
-def read_engine_sidecar(engine_path: str | Path) -> dict[str, Any]:
-    """The sidecar of an engine, checked to be a spleen_utils description."""
-    path = engine_sidecar(engine_path)
-    if not path.exists():
-        raise SpleenError(
-            f"{engine_path}: its description {path.name} is missing (an engine file carries no recipe); "
-            "rebuild it with spleen_utils.export.build_trt_engine, or write it with write_engine_sidecar."
-        )
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SpleenError(f"{path}: not a readable engine description ({type(e).__name__}).") from None
-    if not isinstance(doc, dict) or doc.get("format") != ONNX_FORMAT or "recipe" not in doc:
-        raise SpleenError(f"{path}: not a spleen_utils engine description (expected format {ONNX_FORMAT}).")
-    return doc

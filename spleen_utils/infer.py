@@ -89,6 +89,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .artifact import spatial_multiple
 from .backends import Backend, open_backend
 from .errors import DataError, NotAnImageError, SpleenError
 
@@ -595,7 +596,7 @@ class Predictor:
         self.window = window
         self.max_window_voxels = int(max_window_voxels)
         self.preprocess = preprocess
-        self.multiple = int(math.prod(int(s) for s in self.recipe.strides))
+        self.multiple = spatial_multiple(self.recipe)
         self.optimizations = optimize_torch_backend(backend) if optimize else []
         self._pre = None
         self._invert = None

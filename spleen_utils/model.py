@@ -7,16 +7,15 @@ versions), in the spirit of a MONAI bundle's ``metadata.json``. It is written at
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .artifact import check_checkpoint, checkpoint_contents
 from .config import Recipe
 from .errors import SpleenError
 
-CHECKPOINT_FORMAT = "spleen_utils.checkpoint/1"
 
 
 def build_network(recipe: Recipe) -> torch.nn.Module:
@@ -24,23 +23,6 @@ def build_network(recipe: Recipe) -> torch.nn.Module:
     from monai.networks.nets import UNet
 
     return UNet(**recipe.network_kwargs())
-
-
-def library_versions() -> dict[str, str]:
-    import monai
-    import nibabel
-    import numpy
-
-    from . import __version__
-
-    return {
-        "spleen_utils": __version__,
-        "python": platform.python_version(),
-        "torch": str(torch.__version__),
-        "monai": str(monai.__version__),
-        "numpy": str(numpy.__version__),
-        "nibabel": str(nibabel.__version__),
-    }
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
@@ -57,16 +39,9 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
 
 
 def make_checkpoint(model: torch.nn.Module, recipe: Recipe, **extra: Any) -> dict[str, Any]:
+    """The self-describing dict of :func:`spleen_utils.artifact.checkpoint_contents`, weights on the CPU."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "state_dict": state,
-        "network": {"name": "monai.networks.nets.UNet", "kwargs": recipe.network_kwargs()},
-        "recipe": recipe.to_dict(),
-        "labels": list(recipe.labels),
-        "versions": library_versions(),
-        **extra,
-    }
+    return checkpoint_contents(state, recipe, **extra)
 
 
 def save_checkpoint(model: torch.nn.Module, recipe: Recipe, path: str | Path, **extra: Any) -> Path:
@@ -83,10 +58,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file
         raise SpleenError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}).") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise SpleenError(f"{path}: not a spleen_utils checkpoint (expected format {CHECKPOINT_FORMAT}).")
-    Recipe.from_model(ckpt.get("recipe"), str(path))  # a recipe read from a file is validated
-    return ckpt
+    return check_checkpoint(ckpt, path)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Recipe, dict[str, Any]]:

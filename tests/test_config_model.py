@@ -149,7 +149,9 @@ def test_checkpoint_with_a_bad_recipe_is_refused(tmp_path):
 
 
 def test_onnx_and_engine_metadata_with_a_bad_recipe_are_refused(tmp_path):
-    from spleen_utils.export import ONNX_FORMAT, REQUIRED_KEYS, parse_metadata
+    from spleen_utils.artifact import ONNX_FORMAT
+    from spleen_utils.artifact import ONNX_REQUIRED_KEYS as REQUIRED_KEYS
+    from spleen_utils.artifact import parse_onnx_metadata as parse_metadata
 
     recipe = Recipe().to_dict()
     recipe["sw_roi"] = [4, 4, 4]

@@ -15,15 +15,14 @@ import torch
 from spleen_utils import export
 from spleen_utils.config import Recipe
 from spleen_utils.errors import SpleenError
+from spleen_utils.artifact import ONNX_FORMAT, file_sha256, read_engine_sidecar
 from spleen_utils.export import (
-    ONNX_FORMAT,
     build_trt_engine,
     export_onnx,
     read_onnx_metadata,
     tensorrt_available,
     trtexec_command,
 )
-from spleen_utils.backends import file_sha256
 from spleen_utils.model import build_network, load_model, save_checkpoint
 
 pytestmark = pytest.mark.slow  # exports and validates a full-size network (make test-fast skips it)
@@ -307,7 +306,7 @@ def test_trt_build_drives_the_tensorrt10_api(exported, tmp_path, monkeypatch):
     assert ("pool", "workspace", 2 << 30) in calls and ("flag", "fp16") in calls
     assert ("set_shape", "input", (1, 1, 96, 96, 96), (4, 1, 160, 160, 160), (8, 1, 160, 160, 160)) in calls
     assert calls.index(("add_profile",)) < calls.index(("build", "network"))
-    side = export.read_engine_sidecar(engine)  # <engine>.json: the ONNX metadata plus the profile
+    side = read_engine_sidecar(engine)  # <engine>.json: the ONNX metadata plus the profile
     assert side == {**read_onnx_metadata(exported["path"]), "engine": side["engine"]}
     assert side["engine"]["profile"]["max"] == [8, 1, 160, 160, 160] and side["engine"]["precision"] == "fp16"
     assert side["engine"]["source_onnx_sha256"] == file_sha256(exported["path"])

@@ -256,18 +256,19 @@ def test_the_predictor_keeps_the_surest_component(preprocess):
 
 
 def test_onnx_contract_is_the_exporters(onnx_model):
-    from spleen_utils import export
+    from spleen_utils import artifact, export
 
-    # one definition: the exporter writes the contract the torch-free reader declares
-    assert (export.ONNX_FORMAT, export.INPUT_NAME, export.OUTPUT_NAME) == (backends.ONNX_FORMAT, backends.INPUT_NAME, backends.OUTPUT_NAME)
-    assert export.JSON_KEYS is backends.ONNX_JSON_KEYS and export.REQUIRED_KEYS is backends.ONNX_REQUIRED_KEYS
-    assert export.parse_metadata is backends.parse_onnx_metadata
+    # one definition: the exporter writes and the torch-free reader reads the artifact module's contract
+    assert (export.INPUT_NAME, export.OUTPUT_NAME) == (artifact.INPUT_NAME, artifact.OUTPUT_NAME)
+    assert (backends.INPUT_NAME, backends.OUTPUT_NAME) == (artifact.INPUT_NAME, artifact.OUTPUT_NAME)
+    assert backends.parse_onnx_metadata is artifact.parse_onnx_metadata and export.read_onnx_metadata is artifact.read_onnx_metadata
+    assert export.spatial_multiple is artifact.spatial_multiple is backends.spatial_multiple
     import onnxruntime as ort
 
     # what the exporter wrote satisfies the reader
     props = ort.InferenceSession(str(onnx_model[0]), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
-    meta = backends.parse_onnx_metadata(props, "m")
-    assert meta["format"] == backends.ONNX_FORMAT and set(backends.ONNX_REQUIRED_KEYS) - {"spleen_utils.format"} <= set(meta)
+    meta = artifact.parse_onnx_metadata(props, "m")
+    assert meta["format"] == artifact.ONNX_FORMAT and set(artifact.ONNX_REQUIRED_KEYS) - {"spleen_utils.format"} <= set(meta)
     with pytest.raises(backends.SpleenError, match="without spleen_utils metadata"):
         backends.parse_onnx_metadata({}, "m")
 
