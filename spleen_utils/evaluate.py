@@ -129,7 +129,7 @@ def describe_grid(shape: Sequence[int], affine: Any) -> str:
 def lcc_effect(raw: Any, label: Any | None, spacing: Sequence[float]) -> tuple[Any, dict[str, Any]]:
     """Keep the largest connected component of a raw mask; returns the new mask and what changed.
 
-    The rule is :func:`spleen_utils.infer.keep_one_component` without a margin: MONAI's
+    The rule is :func:`spleen_utils.postprocess.keep_one_component` without a margin: MONAI's
     ``KeepLargestConnectedComponent`` (26-connectivity; a test holds the two equal). The
     components are counted (``scipy.ndimage.label``) and, when a label is given, the Dice before
     and after.
@@ -137,7 +137,7 @@ def lcc_effect(raw: Any, label: Any | None, spacing: Sequence[float]) -> tuple[A
     import numpy as np
     from scipy import ndimage
 
-    from .infer import keep_one_component
+    from .postprocess import keep_one_component
     from .metrics import dice, volume_ml
 
     raw = np.asarray(raw, dtype=np.uint8)
@@ -159,7 +159,7 @@ def lcc_effect(raw: Any, label: Any | None, spacing: Sequence[float]) -> tuple[A
 def component_rules(raw_predictor, predictor, vol, label: Any) -> dict[str, Any]:
     """One scan through the two ways of keeping one component: MONAI's largest (applied to
     ``raw_predictor``'s mask, which keeps every component) and ``predictor``'s own rule
-    (:func:`spleen_utils.infer.keep_one_component`). Dice and mL of each, and the raw mask's
+    (:func:`spleen_utils.postprocess.keep_one_component`). Dice and mL of each, and the raw mask's
     component count."""
     import numpy as np
 

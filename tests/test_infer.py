@@ -23,7 +23,8 @@ from monai.data import MetaTensor
 
 from spleen_utils.config import Recipe
 from spleen_utils.errors import DataError, SpleenError
-from spleen_utils.infer import Predictor, prepare, resample_linear
+from spleen_utils.infer import Predictor
+from spleen_utils.preprocess import prepare, resample_linear
 from spleen_utils.io import load_nifti
 from spleen_utils.metrics import dice
 from spleen_utils.model import build_network, save_checkpoint
@@ -312,7 +313,7 @@ def test_errors_are_one_sentence(tmp_path):
 from hostile_corpus import ct_block, hostile_corpus, measure  # noqa: E402
 
 from spleen_utils.config import get_config  # noqa: E402
-from spleen_utils.infer import MAX_RESAMPLED_VOXELS, check_resampled_size  # noqa: E402
+from spleen_utils.preprocess import MAX_RESAMPLED_VOXELS, check_resampled_size  # noqa: E402
 
 QUICK, FULL = get_config("quick").recipe, get_config("full").recipe
 

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from spleen_utils import backends, infer
+from spleen_utils import backends, infer, postprocess, preprocess
 from spleen_utils.config import Recipe
-from spleen_utils.infer import Predictor, compute_shape_offset, scan_slices, sliding_window, zoom_affine
+from spleen_utils.infer import Predictor, scan_slices, sliding_window
+from spleen_utils.preprocess import compute_shape_offset, zoom_affine
 from spleen_utils.synthetic import make_phantom
 
 TINY = Recipe(channels=(4, 8, 16, 32, 64), patch_size=(32, 32, 32), sw_roi=(64, 64, 64), sw_batch_size=2, pixdim=(4.0, 4.0, 5.0))
@@ -195,7 +196,7 @@ def test_largest_component_equals_monai():
             mask[:] = 0
             mask[2:5, 2:5, 2:5] = mask[10:13, 10:13, 10:13] = 1  # a tie: MONAI's choice
         want = KeepLargestConnectedComponent(applied_labels=[1], connectivity=3)(torch.from_numpy(mask.copy())[None])[0].numpy()
-        got = infer._largest_component(mask)
+        got = postprocess.keep_one_component(mask)
         assert got.dtype == np.uint8 and np.array_equal(got, want.astype(np.uint8)), i
         assert got.sum() <= mask.sum() and (i != 0 or got.sum() == 27)
 
@@ -209,23 +210,23 @@ def test_of_comparable_components_the_surest_is_kept():
     margin[2:12, 2:12, 2:12] = 6.0
     mask[20:32, 5:17, 5:15] = 1  # a rival: 1,440 voxels, barely above the line
     margin[20:32, 5:17, 5:15] = 0.8
-    kept = infer.keep_one_component(mask, margin)
+    kept = postprocess.keep_one_component(mask, margin)
     assert kept.dtype == np.uint8 and kept.sum() == 1000 and kept[5, 5, 5] == 1 and kept[25, 10, 10] == 0
-    assert np.array_equal(infer.keep_one_component(mask), infer._largest_component(mask))  # no margin: the largest
-    assert infer._largest_component(mask)[25, 10, 10] == 1
+    assert np.array_equal(postprocess.keep_one_component(mask), postprocess.keep_one_component(mask))  # no margin: the largest
+    assert postprocess.keep_one_component(mask)[25, 10, 10] == 1
     # an island under RIVAL_FRACTION of the largest is no rival, however sure
     small = mask.copy()
     small[2:12, 2:12, 2:12] = 0
     small[36:39, 25:28, 25:28] = 1  # 27 voxels
     margin2 = margin.copy()
     margin2[36:39, 25:28, 25:28] = 20.0
-    assert 27 < infer.RIVAL_FRACTION * 1440
-    assert np.array_equal(infer.keep_one_component(small, margin2), infer._largest_component(small))
+    assert 27 < postprocess.RIVAL_FRACTION * 1440
+    assert np.array_equal(postprocess.keep_one_component(small, margin2), postprocess.keep_one_component(small))
     # one component, or none: unchanged
     single = np.zeros_like(mask)
     single[2:12, 2:12, 2:12] = 1
-    assert np.array_equal(infer.keep_one_component(single, margin), single)
-    assert not infer.keep_one_component(np.zeros_like(mask), margin).any()
+    assert np.array_equal(postprocess.keep_one_component(single, margin), single)
+    assert not postprocess.keep_one_component(np.zeros_like(mask), margin).any()
 
 
 @pytest.mark.parametrize("preprocess", ["fast", "monai"])
@@ -290,7 +291,7 @@ def test_onnx_and_torch_predictors_agree_on_sliding_windows(onnx_model, ct_folde
     vol = load_nifti(ct_folder / "case_1.nii.gz")
     po = Predictor.from_path(onnx_path, device="cpu", window="sliding", lcc=False)
     pt_ = Predictor.from_path(pt, backend="torch", device="cpu", window="sliding", lcc=False)
-    prep = infer.prepare(vol, po.recipe)
+    prep = preprocess.prepare(vol, po.recipe)
     assert any(n > r for n, r in zip(prep.image.shape, po.roi))  # several windows: the numpy sliding window runs
     lo, lt = po.logits(prep.image[None]), pt_.logits(prep.image[None])
     assert isinstance(lo, np.ndarray) and lo.shape == lt.shape == (2, *prep.image.shape)
