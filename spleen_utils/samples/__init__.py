@@ -72,26 +72,19 @@ class LabelMap:
         raise DataError(f"label map {self.name!r} has no structure named {structure!r}.")
 
 
+# (name, label file stem, licence, who drew the label, multi-organ label map stem or None);
+# the image is <name>_image.nii.gz
+_REAL_CASES = [
+    ("msd_spleen_8", "msd_spleen_8_label", "CC-BY-SA-4.0", "manual", None),
+    ("totalseg_ct_3mm", "totalseg_ct_3mm_spleen", "Apache-2.0", "model", "totalseg_ct_3mm_organs"),
+]
+
+
 def _real_cases() -> list[RealCase]:
     d = SAMPLES_DIR
-    return [
-        RealCase(
-            name="msd_spleen_8",
-            image=d / "msd_spleen_8_image.nii.gz",
-            label=d / "msd_spleen_8_label.nii.gz",
-            licence="CC-BY-SA-4.0",
-            label_source="manual",
-            organs=None,
-        ),
-        RealCase(
-            name="totalseg_ct_3mm",
-            image=d / "totalseg_ct_3mm_image.nii.gz",
-            label=d / "totalseg_ct_3mm_spleen.nii.gz",
-            licence="Apache-2.0",
-            label_source="model",
-            organs=d / "totalseg_ct_3mm_organs.nii.gz",
-        ),
-    ]
+    return [RealCase(name=name, image=d / f"{name}_image.nii.gz", label=d / f"{label}.nii.gz", licence=licence,
+                     label_source=source, organs=None if organs is None else d / f"{organs}.nii.gz")
+            for name, label, licence, source, organs in _REAL_CASES]
 
 
 def real_cases() -> list[RealCase]:
