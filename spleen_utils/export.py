@@ -55,6 +55,7 @@ import shlex
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -343,40 +344,46 @@ def tensorrt_available() -> tuple[bool, str]:
         return False, f"TensorRT could not be checked ({type(e).__name__}: {e})"
 
 
-def _profile_shapes(
-    recipe: Recipe,
-    min_batch: int,
-    opt_batch: int,
-    max_batch: int,
-    spatial: Sequence[Sequence[int]] | None = None,
-) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """(min, opt, max) shapes of ``input`` for the optimisation profile.
+@dataclass(frozen=True)
+class EngineOptions:
+    """How a TensorRT engine is built: the keywords :func:`build_trt_engine` and
+    :func:`trtexec_command` take.
 
-    By default the spatial range spans the recipe's training patch (``patch_size``, what the
-    benchmarks time) and its sliding-window ROI (``sw_roi``, what inference feeds), optimised for
-    the ROI; ``spatial`` = (min, opt, max) spatial sizes overrides it.
+    One optimisation profile on ``input``: batch ``min/opt/max_batch`` (the sliding-window batch)
+    and spatial sizes ``spatial`` = (min, opt, max), by default from the recipe's training patch
+    (``patch_size``, what the benchmarks time) to its sliding-window ROI (``sw_roi``, what
+    inference feeds), optimised for the ROI. ``fp16`` lets TensorRT choose FP16 kernels (inputs
+    and outputs stay float32); ``workspace_gb`` caps the builder's workspace memory pool.
     """
-    for name, b in (("min_batch", min_batch), ("opt_batch", opt_batch), ("max_batch", max_batch)):
-        if not isinstance(b, int) or b < 1:
-            raise SpleenError(f"{name} must be a positive integer, not {b!r}.")
-    if not min_batch <= opt_batch <= max_batch:
-        raise SpleenError(f"the batch sizes must satisfy min <= opt <= max (got {min_batch}, {opt_batch}, {max_batch}).")
-    if spatial is None:
-        patch, roi = tuple(recipe.patch_size), tuple(recipe.sw_roi)
-        spatial = (tuple(map(min, patch, roi)), roi, tuple(map(max, patch, roi)))
-    spatial = [tuple(int(v) for v in s) for s in spatial]
-    m = spatial_multiple(recipe)
-    if len(spatial) != 3 or any(len(s) != 3 for s in spatial):
-        raise SpleenError("spatial must give three (X, Y, Z) sizes: min, opt and max.")
-    if any(v % m or v < m for s in spatial for v in s):
-        raise SpleenError(f"the spatial sizes {spatial} must be positive multiples of {m}.")
-    if not all(a <= b <= c for a, b, c in zip(*spatial)):
-        raise SpleenError(f"the spatial sizes must satisfy min <= opt <= max on each axis (got {spatial}).")
-    return (
-        (min_batch, 1, *spatial[0]),
-        (opt_batch, 1, *spatial[1]),
-        (max_batch, 1, *spatial[2]),
-    )
+
+    fp16: bool = True
+    min_batch: int = 1
+    opt_batch: int = 4
+    max_batch: int = 8
+    workspace_gb: float = 4
+    spatial: Sequence[Sequence[int]] | None = None
+
+    def shapes(self, recipe: Recipe) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """(min, opt, max) shapes of ``input`` for the optimisation profile, checked."""
+        batches = (self.min_batch, self.opt_batch, self.max_batch)
+        for name, b in zip(("min_batch", "opt_batch", "max_batch"), batches):
+            if not isinstance(b, int) or b < 1:
+                raise SpleenError(f"{name} must be a positive integer, not {b!r}.")
+        if not batches[0] <= batches[1] <= batches[2]:
+            raise SpleenError(f"the batch sizes must satisfy min <= opt <= max (got {', '.join(map(str, batches))}).")
+        spatial = self.spatial
+        if spatial is None:
+            patch, roi = tuple(recipe.patch_size), tuple(recipe.sw_roi)
+            spatial = (tuple(map(min, patch, roi)), roi, tuple(map(max, patch, roi)))
+        spatial = [tuple(int(v) for v in s) for s in spatial]
+        m = spatial_multiple(recipe)
+        if len(spatial) != 3 or any(len(s) != 3 for s in spatial):
+            raise SpleenError("spatial must give three (X, Y, Z) sizes: min, opt and max.")
+        if any(v % m or v < m for s in spatial for v in s):
+            raise SpleenError(f"the spatial sizes {spatial} must be positive multiples of {m}.")
+        if not all(a <= b <= c for a, b, c in zip(*spatial)):
+            raise SpleenError(f"the spatial sizes must satisfy min <= opt <= max on each axis (got {spatial}).")
+        return tuple((b, 1, *s) for b, s in zip(batches, spatial))  # type: ignore[return-value]
 
 
 def _recipe_of(onnx_path: Path) -> Recipe:
@@ -386,24 +393,15 @@ def _recipe_of(onnx_path: Path) -> Recipe:
         return Recipe()
 
 
-def trtexec_command(
-    onnx_path: str | Path,
-    out: str | Path,
-    fp16: bool = True,
-    min_batch: int = 1,
-    opt_batch: int = 4,
-    max_batch: int = 8,
-    workspace_gb: float = 4,
-    spatial: Sequence[Sequence[int]] | None = None,
-    recipe: Recipe | None = None,
-) -> str:
+def trtexec_command(onnx_path: str | Path, out: str | Path, recipe: Recipe | None = None, **options: Any) -> str:
     """The ``trtexec`` (TensorRT 10) command line equivalent to :func:`build_trt_engine`.
 
-    The recipe (for the default spatial sizes) is read from the ONNX file when it is readable.
+    ``options`` are :class:`EngineOptions`' fields. The recipe (for the default spatial sizes) is
+    read from the ONNX file when it is readable.
     """
-    onnx_path = Path(onnx_path)
+    onnx_path, opts = Path(onnx_path), EngineOptions(**options)
     recipe = recipe or _recipe_of(onnx_path)
-    lo, opt, hi = _profile_shapes(recipe, min_batch, opt_batch, max_batch, spatial)
+    lo, opt, hi = opts.shapes(recipe)
     dims = lambda s: "x".join(str(v) for v in s)  # noqa: E731
     parts = [
         "trtexec",
@@ -412,35 +410,24 @@ def trtexec_command(
         f"--minShapes={INPUT_NAME}:{dims(lo)}",
         f"--optShapes={INPUT_NAME}:{dims(opt)}",
         f"--maxShapes={INPUT_NAME}:{dims(hi)}",
-        f"--memPoolSize=workspace:{int(round(workspace_gb * 1024))}",  # MiB
+        f"--memPoolSize=workspace:{int(round(opts.workspace_gb * 1024))}",  # MiB
     ]
-    if fp16:
+    if opts.fp16:
         parts.append("--fp16")
     return " ".join(parts)
 
 
-def build_trt_engine(
-    onnx_path: str | Path,
-    out: str | Path,
-    fp16: bool = True,
-    min_batch: int = 1,
-    opt_batch: int = 4,
-    max_batch: int = 8,
-    workspace_gb: float = 4,
-    spatial: Sequence[Sequence[int]] | None = None,
-) -> Path:
+def build_trt_engine(onnx_path: str | Path, out: str | Path, **options: Any) -> Path:
     """Build a TensorRT 10 engine from a spleen_utils ONNX file; writes ``out`` and ``out.json``.
 
-    One optimisation profile on ``input``: batch ``min/opt/max_batch`` (the sliding-window batch),
-    spatial sizes from the recipe's patch size to its sliding-window ROI (see
-    :func:`_profile_shapes`). ``fp16`` lets TensorRT choose FP16 kernels (inputs and outputs stay
-    float32). The sidecar JSON holds the ONNX metadata plus the engine's profile and precision.
+    ``options`` are :class:`EngineOptions`' fields (the profile, fp16, the workspace). The sidecar
+    JSON holds the ONNX metadata plus the engine's profile and precision.
     """
-    onnx_path, out = Path(onnx_path), Path(out)
+    onnx_path, out, opts = Path(onnx_path), Path(out), EngineOptions(**options)
     meta = read_onnx_metadata(onnx_path)  # also proves the file is ours
     recipe = Recipe.from_dict(meta["recipe"])
-    shapes = _profile_shapes(recipe, min_batch, opt_batch, max_batch, spatial)
-    cmd = trtexec_command(onnx_path, out, fp16, min_batch, opt_batch, max_batch, workspace_gb, spatial, recipe)
+    shapes = opts.shapes(recipe)
+    cmd = trtexec_command(onnx_path, out, recipe, **options)
     ok, reason = tensorrt_available()
     if not ok:
         what = "TensorRT is not installed here" if "not installed" in reason else f"TensorRT cannot run here ({reason})"
@@ -459,8 +446,8 @@ def build_trt_engine(
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise SpleenError(f"{onnx_path}: TensorRT's ONNX parser rejected the model ({errors[:500]}).")
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if fp16:
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace_gb * (1 << 30)))
+    if opts.fp16:
         if not hasattr(trt.BuilderFlag, "FP16"):
             raise SpleenError(f"this TensorRT ({trt.__version__}) has no FP16 builder flag; build with fp16=False.")
         config.set_flag(trt.BuilderFlag.FP16)
@@ -476,12 +463,12 @@ def build_trt_engine(
         out,
         meta,
         shapes,
-        precision="fp16" if fp16 else "fp32",
+        precision="fp16" if opts.fp16 else "fp32",
         extra={
             "tensorrt": trt.__version__,
             "gpu": torch.cuda.get_device_name(0),
             "source_onnx_sha256": file_sha256(onnx_path),
-            "workspace_gb": workspace_gb,
+            "workspace_gb": opts.workspace_gb,
             "build_seconds": round(time.perf_counter() - t0, 1),
         },
     )
