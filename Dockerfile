@@ -50,11 +50,11 @@ EXPOSE 8000
 # an HTTP probe once the connection cap is reached) cannot mark a working service unhealthy.
 # GET /health stays the probe for a load balancer or a reverse proxy (see book/service.md).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, sys; from spleen_utils.service import check_heartbeat; ok, msg = check_heartbeat(os.environ['SPLEEN_HEARTBEAT_FILE']); print(msg); sys.exit(0 if ok else 1)"]
+    CMD ["python", "-c", "import os, sys; from spleen_utils.serve import check_heartbeat; ok, msg = check_heartbeat(os.environ['SPLEEN_HEARTBEAT_FILE']); print(msg); sys.exit(0 if ok else 1)"]
 
 USER spleen
 
-# the same start command the tests run; `uvicorn --factory spleen_utils.service:create_app
+# the same start command the tests run; `uvicorn --factory spleen_utils.serve:create_app
 # --host 0.0.0.0 --port 8000` works too (settings from the SPLEEN_* variables above)
 CMD ["spleen-seg", "serve", "--host", "0.0.0.0", "--port", "8000"]
 

@@ -26,13 +26,8 @@ with the reason, and one that fails as failed, with the error.
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
 import json
-import math
-import platform
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,40 +59,30 @@ def _driver_version() -> str | None:
 
 def provenance(device: torch.device, smoke: bool) -> dict[str, Any]:
     """Where and when: device, driver, CUDA, cuDNN, torch, MONAI, Python, date (UTC)."""
-    import monai
+    import os
+
     import torch
 
-    from . import __version__
+    from .provenance import cpu_name, utc_now, versions
 
+    cuda = device.type == "cuda"
     info: dict[str, Any] = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
+        "device_name": torch.cuda.get_device_name(device) if cuda else cpu_name(),
         "gpu_visible": torch.cuda.is_available(),
-        "driver": _driver_version() if device.type == "cuda" else None,
+        "driver": _driver_version() if cuda else None,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "torch": str(torch.__version__),
-        "monai": str(monai.__version__),
-        "spleen_utils": __version__,
-        "python": platform.python_version(),
-        "cpu_count": __import__("os").cpu_count(),
+        **versions(("torch", "monai", "spleen_utils", "python")),
+        "cpu_count": os.cpu_count(),
+        "cpu": cpu_name(),
         "smoke": bool(smoke),
     }
-    if device.type == "cuda":
+    if cuda:
         props = torch.cuda.get_device_properties(device)
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         info["compute_capability"] = f"{props.major}.{props.minor}"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    if device.type != "cuda":
-                        info["device_name"] = info["cpu"]
-                    break
-    except OSError:
-        pass
     return info
 
 
@@ -109,12 +94,9 @@ def write_record(records: Path, part: str, prov: dict[str, Any], result: dict[st
     records.mkdir(parents=True, exist_ok=True)
     stamp = prov["date"][:19].replace(":", "").replace("-", "")
     path = records / f"gpu-check_{_slug(prov['device_name'])}_{stamp}_{part}.json"
-    record = {"format": RECORD_FORMAT, "part": part, "provenance": prov, **result}
-    from .io import atomic_path
+    from .provenance import write_json
 
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    return path
+    return write_json({"format": RECORD_FORMAT, "part": part, "provenance": prov, **result}, path)
 
 
 # ---------------------------------------------------------------------------------- data
@@ -448,37 +430,6 @@ def run_gpu_check(device: str = "cuda", smoke: bool = False, records: str | Path
         out["results"][part] = result
         out["records"].append(str(write_record(rec_dir, part, prov, result)))
     return out
-
-
-def cmd_gpu_check(a: argparse.Namespace) -> int:
-    parts = tuple(p.strip() for p in a.parts.split(",") if p.strip()) if a.parts else PARTS
-    res = run_gpu_check(device=a.device, smoke=a.smoke, records=a.records, work=a.work, model=a.model, parts=parts)
-    for p in res["records"]:
-        print(f"record: {p}")
-    if res["failed"]:
-        print(f"spleen-seg: gpu-check: these parts failed (see their records): {', '.join(res['failed'])}", file=sys.stderr)
-        return 1
-    return 0
-
-
-EXAMPLES = """examples:
-  make gpu-wheels                  # once, with network: gpu_wheels/ (monai, nibabel, spleen-utils wheels)
-  make gpu-check                   # on the GPU machine: install from gpu_wheels/ offline, then this command
-  spleen-seg gpu-check --device cuda --model outputs/runs/quick/best_model.pt
-  spleen-seg gpu-check --device cpu --smoke     # every step at toy sizes (what make test runs)
-"""
-
-
-def register(sub) -> None:
-    g = sub.add_parser("gpu-check", help="measure full-profile training, per-patch latency and end-to-end inference on a GPU",
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g.add_argument("--device", choices=["cuda", "cpu", "auto"], default="cuda")
-    g.add_argument("--smoke", action="store_true", help="toy sizes, seconds: checks that every step runs (numbers mean nothing)")
-    g.add_argument("--records", help="folder for the JSON records (default: book/records on a GPU, a temporary folder otherwise)")
-    g.add_argument("--work", help="scratch folder for the generated volumes and runs (default: a temporary folder)")
-    g.add_argument("--model", help="checkpoint for the end-to-end part (default: the one the train part just made)")
-    g.add_argument("--parts", help=f"comma-separated subset of {','.join(PARTS)} (default: all)")
-    g.set_defaults(func=cmd_gpu_check)
 
 
 # ---------------------------------------------------------------------------------- the book

@@ -204,7 +204,7 @@ def check_nifti_stream(f, name: str, size: int | None = None) -> str:
 
 def check_nifti_file(path: str | Path, name: str | None = None, gz: bool | None = None) -> str:
     """:func:`check_nifti_stream` on a file; ``gz`` (default: the name ends ``.gz``) decompresses
-    only the header's bytes. Used by :func:`load_nifti` and the service's upload reader."""
+    only the header's bytes. The first step of :func:`read_header`."""
     path = Path(path)
     name = str(path) if name is None else name
     gz = str(path).endswith(".gz") if gz is None else gz
@@ -223,22 +223,76 @@ def check_nifti_file(path: str | Path, name: str | None = None, gz: bool | None 
                                "corrupt_nifti") from None
 
 
-def check_header(img: nib.spatialimages.SpatialImage, what: str, name: str) -> tuple[int, int, int]:
-    """Validate dimensionality, size and voxel type from the header alone (no voxel read)."""
-    shape = tuple(int(s) for s in img.shape)
+def check_header(img: nib.spatialimages.SpatialImage, what: str, name: str, max_voxels: int = MAX_VOXELS) -> tuple[int, int, int]:
+    """Validate dimensionality, size and voxel type from the header alone (no voxel read).
+
+    Raises :class:`NiftiHeaderError` of kind ``image_too_large`` (more than ``max_voxels``, checked
+    first) or ``unsupported_image`` (not 3D, an empty dimension, a non-numeric voxel type).
+    """
+    raw = tuple(int(s) for s in img.shape)
+    declared = math.prod(raw)  # Python ints: a huge NIfTI-2 header cannot overflow
+    if declared > max_voxels:
+        raise NiftiHeaderError(f"{name}: the {what} header declares {'x'.join(map(str, raw))} = {declared:,} voxels; "
+                               f"this program accepts at most {max_voxels:,}.", "image_too_large")
+    shape = raw
     # a trailing singleton dimension (x, y, z, 1) is a 3D image written as 4D
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) != 3:
-        raise DataError(f"{name}: the {what} is {len(shape)}D (shape {tuple(img.shape)}); a 3D CT volume is needed.")
+        raise NiftiHeaderError(f"{name}: the {what} is {len(shape)}D (shape {raw}); a 3D CT volume is needed.", "unsupported_image")
     if min(shape) < 1:
-        raise DataError(f"{name}: the {what} has an empty dimension (shape {shape}).")
-    if math.prod(shape) > MAX_VOXELS:  # Python ints: a huge NIfTI-2 header cannot overflow
-        raise DataError(f"{name}: the {what} header declares {shape} voxels, more than this program accepts.")
+        raise NiftiHeaderError(f"{name}: the {what} has an empty dimension (shape {shape}).", "unsupported_image")
     dtype = img.get_data_dtype()
     if dtype.fields is not None or dtype.kind not in "biuf":
-        raise DataError(f"{name}: the {what} has voxel type {dtype}; a numeric (integer or float) type is needed.")
+        raise NiftiHeaderError(f"{name}: the {what} has voxel type {dtype}; a numeric (integer or float) type is needed.",
+                               "unsupported_image")
     return shape  # type: ignore[return-value]
+
+
+def _gzip_head_is_short(path: Path, n: int) -> bool:
+    """Whether a gzip file cannot give its first ``n`` bytes (cut or damaged before them)."""
+    try:
+        with gzip.open(path, "rb") as f:
+            return len(f.read(n)) < n
+    except (EOFError, OSError, zlib.error):
+        return True
+
+
+def read_header(path: str | Path, name: str | None = None, what: str = "image", gz: bool | None = None,
+                max_voxels: int = MAX_VOXELS) -> tuple[nib.spatialimages.SpatialImage, tuple[int, int, int]]:
+    """The header guard that :func:`load_nifti` and the service's upload reader share: the image
+    (header parsed, no voxel read) and its 3D shape, once :func:`check_nifti_file`, nibabel's own
+    parse, :func:`check_header` (with ``max_voxels``) and a finite affine have passed.
+
+    Raises :class:`NiftiHeaderError` whose ``kind`` (``not_nifti``, ``corrupt_nifti``,
+    ``bad_header``, ``image_too_large``, ``unsupported_image``, ``bad_geometry``) the service
+    answers as its error code; messages start with ``name`` and hold no exception text.
+    """
+    path = Path(path)
+    name = str(path) if name is None else name
+    gz = str(path).endswith(".gz") if gz is None else gz
+    check_nifti_file(path, name, gz=gz)  # header and extensions, bounded, before nibabel reads them
+    try:
+        img = nib.load(str(path))
+    except nib.spatialimages.HeaderDataError:
+        raise NiftiHeaderError(f"{name}: the NIfTI header is invalid (nibabel refuses its values).") from None
+    except nib.filebasedimages.ImageFileError:
+        if gz and _gzip_head_is_short(path, 348):
+            raise NiftiHeaderError(f"{name}: the .nii.gz ends before its NIfTI header does; it is truncated or corrupt.",
+                                   "corrupt_nifti") from None
+        raise NiftiHeaderError(f"{name}: not a NIfTI file (nibabel cannot read its header).", "not_nifti") from None
+    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, MemoryError, OverflowError):
+        raise NiftiHeaderError(f"{name}: cannot read the NIfTI header; the file is truncated or corrupt.", "corrupt_nifti") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise NiftiHeaderError(f"{name}: is a {type(img).__name__}, not a NIfTI image.", "not_nifti")
+    shape = check_header(img, what, name, max_voxels)
+    try:
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except nib.spatialimages.HeaderDataError:
+        raise NiftiHeaderError(f"{name}: the NIfTI header is invalid (nibabel cannot interpret its geometry).") from None
+    if not np.isfinite(affine).all():
+        raise NiftiHeaderError(f"{name}: the {what}'s affine (voxel to world) holds NaN or infinite numbers.", "bad_geometry")
+    return img, shape
 
 
 def load_nifti(path: str | Path, what: str = "image", dtype=np.float32) -> Volume:
@@ -253,33 +307,19 @@ def load_nifti(path: str | Path, what: str = "image", dtype=np.float32) -> Volum
         raise DataError(f"{name}: no such file.")
     if path.is_dir():
         raise DataError(f"{name}: is a folder, not a NIfTI file.")
-    check_nifti_file(path, name)  # header and extensions, bounded, before nibabel reads them
+    img, shape = read_header(path, name, what)
     try:
-        img = nib.load(str(path))
-    except nib.filebasedimages.ImageFileError:
-        raise DataError(f"{name}: not a NIfTI file (nibabel cannot read its header).") from None
-    except nib.spatialimages.HeaderDataError as e:
-        raise DataError(f"{name}: the NIfTI header is invalid ({str(e).splitlines()[0][:120] if str(e) else 'HeaderDataError'}).") from None
-    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, OverflowError) as e:
-        raise DataError(f"{name}: cannot read the NIfTI header ({type(e).__name__}); the file is corrupt or truncated.") from None
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise DataError(f"{name}: is a {type(img).__name__}, not a NIfTI image.")
-    shape = check_header(img, what, name)
-    try:
-        affine = np.asarray(img.affine, dtype=np.float64)
         data = np.asanyarray(img.dataobj)
     except nib.spatialimages.HeaderDataError:
-        raise DataError(f"{name}: the NIfTI header is invalid (nibabel cannot interpret its geometry or voxel type).") from None
+        raise DataError(f"{name}: the NIfTI header is invalid (nibabel cannot interpret its voxel type).") from None
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as e:
         raise DataError(f"{name}: cannot read the voxels ({type(e).__name__}); the file is truncated or corrupt.") from None
-    if not np.isfinite(affine).all():
-        raise DataError(f"{name}: the {what}'s affine (voxel to world) holds NaN or infinite numbers.")
     data = np.asarray(data).reshape(shape)
     if dtype is not None:
         data = data.astype(dtype, copy=False)
     if data.dtype.kind == "f" and not np.isfinite(data).all():
         raise DataError(f"{name}: the {what} contains NaN or infinite voxels.")
-    return Volume(array=data, affine=affine, header=img.header, path=path)
+    return Volume(array=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=path)
 
 
 def temp_beside(path: Path, suffix: str = ".tmp") -> Path:
@@ -351,17 +391,23 @@ def atomic_path(path: str | Path, suffix: str = ".tmp"):
             tmp.unlink()
 
 
-def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, header: nib.Nifti1Header | None = None) -> Path:
-    """Write ``array`` with ``affine`` (and the codes of ``header``) atomically to ``path``."""
-    path = Path(path)
+def nifti_like(array: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None = None) -> nib.Nifti1Image:
+    """``array`` as a NIfTI image on ``affine``, keeping the qform/sform codes of ``header``; voxels
+    are stored unscaled, in ``array``'s own type."""
     hdr = header.copy() if header is not None else None
     img = nib.Nifti1Image(array, affine, header=hdr)
     img.set_data_dtype(array.dtype)
     if hdr is not None:
-        # keep the reference's qform/sform codes; voxels are stored unscaled
         img.set_qform(affine, code=int(hdr["qform_code"]) or 1)
         img.set_sform(affine, code=int(hdr["sform_code"]) or 1)
     img.header.set_slope_inter(1.0, 0.0)
+    return img
+
+
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, header: nib.Nifti1Header | None = None) -> Path:
+    """Write ``array`` with ``affine`` (and the codes of ``header``) atomically to ``path``."""
+    path = Path(path)
+    img = nifti_like(array, affine, header)
     with atomic_path(path, ".nii.gz" if str(path).endswith(".gz") else ".nii") as tmp:
         nib.save(img, str(tmp))
     return path

@@ -506,7 +506,7 @@ def service_client(tmp_path_factory):
     from spleen_utils.config import Recipe
     from spleen_utils.export import export_onnx
     from spleen_utils.model import build_network, save_checkpoint
-    from spleen_utils.service import ServiceSettings, create_app
+    from spleen_utils.serve import ServiceSettings, create_app
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

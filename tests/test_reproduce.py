@@ -8,8 +8,6 @@ import time
 from pathlib import Path
 
 import nbformat
-import nibabel as nib
-import numpy as np
 import pytest
 
 from spleen_utils import reproduce

@@ -33,15 +33,13 @@ from spleen_utils.infer import Predictor
 from spleen_utils.io import Volume
 from spleen_utils.backends import file_sha256
 from spleen_utils.model import build_network, save_checkpoint
-from spleen_utils.service import (
+from spleen_utils.bench.service_load import LocalServer, RssSampler, load_test
+from spleen_utils.serve import (
     FIELD,
-    LocalServer,
-    RssSampler,
     SegmentationService,
     ServiceError,
     ServiceSettings,
     create_app,
-    load_test,
     receive_upload,
     sanitize_filename,
     summarize,
@@ -279,12 +277,12 @@ def test_bad_upload_is_a_clear_4xx(client, app, case, endpoint):
 
 
 def test_absurd_header_is_refused_before_any_voxel_is_read(client, app, monkeypatch):
-    from spleen_utils import service
+    from spleen_utils.serve import pipeline
 
     def no_voxels(*a, **k):
         raise AssertionError("voxels were read")
 
-    monkeypatch.setattr(service, "read_volume", no_voxels)
+    monkeypatch.setattr(pipeline, "read_volume", no_voxels)
     r = post(client, _header_only((30000, 30000, 30000)))
     assert_clean_error(r, 422, "image_too_large", app.state.service.tmp_dir)
     assert "30000x30000x30000" in r.json()["detail"]
@@ -418,7 +416,7 @@ def test_internal_errors_are_logged_not_echoed(app, image_file, monkeypatch, cap
 
     monkeypatch.setattr(svc.predictor, "predict_volume", boom)
     client = TestClient(app, raise_server_exceptions=False)  # no lifespan: the loaded service is reused
-    with caplog.at_level(logging.ERROR, logger="spleen_utils.service"):
+    with caplog.at_level(logging.ERROR, logger="spleen_utils.serve"):
         r = post(client, image_file.read_bytes())
     assert r.status_code == 500
     body = r.json()
@@ -469,7 +467,7 @@ def test_factory_reads_env_and_health_is_503_until_the_model_is_loaded(model, im
         real_load(self)
 
     monkeypatch.setattr(SegmentationService, "load", slow_load)
-    app = create_app()  # what `uvicorn --factory spleen_utils.service:create_app` calls
+    app = create_app()  # what `uvicorn --factory spleen_utils.serve:create_app` calls
     svc = app.state.service
     assert svc.settings.max_queue == 7 and svc.settings.sw_roi == (64, 64, 32) and svc.settings.model == model
     with TestClient(app) as client:
@@ -488,7 +486,7 @@ def test_unloadable_model_keeps_health_503(tmp_path, caplog):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not an onnx model")
     app = create_app(ServiceSettings(model=bad))
-    with caplog.at_level(logging.ERROR, logger="spleen_utils.service"), TestClient(app) as client:
+    with caplog.at_level(logging.ERROR, logger="spleen_utils.serve"), TestClient(app) as client:
         deadline = time.monotonic() + 60
         while app.state.service.state == "loading" and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -818,7 +816,7 @@ def test_segment_never_changes_the_process_umask(client, image_file, monkeypatch
 
 
 def test_heartbeat_file_is_fresh_while_ready(model, tmp_path):
-    from spleen_utils.service import check_heartbeat
+    from spleen_utils.serve import check_heartbeat
 
     beat = tmp_path / "beat.json"
     ok, msg = check_heartbeat(beat)
@@ -865,7 +863,7 @@ def test_real_server_under_slow_and_many_clients(model, image_file, tmp_path):
     with Retry-After."""
     import httpx
 
-    from spleen_utils.service import check_heartbeat
+    from spleen_utils.serve import check_heartbeat
 
     beat = tmp_path / "beat.json"
     args = ["--max-concurrency", "1", "--max-queue", "1", "--max-uploads", "8", "--max-connections", "24",

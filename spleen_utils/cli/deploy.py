@@ -1,46 +1,22 @@
-"""Deployment sub-commands of ``spleen-seg``: export-onnx, build-trt, compare-backends, bench.
+"""Deployment commands of ``spleen-seg``: export-onnx, build-trt, compare-backends, bench.
 
-Registered by :mod:`spleen_utils.cli` (``EXTENSION_MODULES``). Like the rest of the command line,
-they are thin callers of library functions (:mod:`~spleen_utils.export`,
-:mod:`~spleen_utils.compare`, :mod:`~spleen_utils.bench`); errors a user can fix raise
-:class:`~spleen_utils.errors.SpleenError`, which ``spleen-seg`` prints as one sentence (exit 2).
-Imports stay inside the commands: ``spleen-seg --help`` must stay fast.
+Thin callers of library functions (:mod:`~spleen_utils.export`, :mod:`~spleen_utils.compare`,
+:mod:`~spleen_utils.bench`); errors a user can fix raise :class:`~spleen_utils.errors.SpleenError`,
+which ``spleen-seg`` prints as one sentence (exit 2). Imports stay inside the commands:
+``spleen-seg --help`` must stay fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-
-def _csv_ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _progress(quiet: bool):
-    return None if quiet else (lambda s: print(f"... {s}", file=sys.stderr, flush=True))
+from .args import positive_csv_ints, positive_int, progress_printer
 
 
 # ---------------------------------------------------------------- export-onnx
 def cmd_export_onnx(a: argparse.Namespace) -> int:
-    from .export import DEFAULT_OPSET, export_onnx
+    from ..export import DEFAULT_OPSET, export_onnx
 
     opset = DEFAULT_OPSET if a.opset is None else a.opset
     rep = export_onnx(a.model, a.out, opset=opset, validate=not a.no_validate, real_image=a.real_image, exporter=a.exporter)
@@ -53,13 +29,16 @@ def cmd_export_onnx(a: argparse.Namespace) -> int:
         print("not validated (--no-validate)")
     print(f"export {rep['export_seconds']:.1f} s, validation {rep['validate_seconds']:.1f} s")
     if a.json:
-        _write_json(rep, a.json)
+        from ..provenance import write_json
+
+        write_json(rep, a.json)
+        print(f"written: {a.json}")
     return 0
 
 
 # ---------------------------------------------------------------- build-trt
 def cmd_build_trt(a: argparse.Namespace) -> int:
-    from .export import build_trt_engine, engine_sidecar
+    from ..export import build_trt_engine, engine_sidecar
 
     out = build_trt_engine(
         a.onnx,
@@ -76,7 +55,7 @@ def cmd_build_trt(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- compare-backends
 def cmd_compare(a: argparse.Namespace) -> int:
-    from .compare import compare_backends, format_comparison
+    from ..compare import compare_backends, format_comparison
 
     rec = compare_backends(
         a.model,
@@ -90,7 +69,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
         window=a.window,
         lcc=not a.no_lcc,
         json_out=a.json,
-        progress=_progress(a.quiet),
+        progress=progress_printer(a.quiet),
     )
     print(format_comparison(rec))
     if a.json:
@@ -100,7 +79,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- bench
 def cmd_bench(a: argparse.Namespace) -> int:
-    from .bench import format_report, plot_benchmark, run_benchmark
+    from ..bench import format_report, plot_benchmark, run_benchmark
 
     rec = run_benchmark(
         model_path=a.model,
@@ -118,7 +97,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         threads=a.threads,
         patch=a.patch,
         json_out=a.json,
-        progress=_progress(a.quiet),
+        progress=progress_printer(a.quiet),
         processes=not a.no_processes and not a.no_end_to_end,
         process_image=a.process_image,
         process_repeats=a.process_repeats,
@@ -137,21 +116,13 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
-def _write_json(obj, path) -> None:
-    from .bench import write_json
-
-    write_json(obj, path)
-    print(f"written: {path}")
-
-
-# ---------------------------------------------------------------- parser
 def register(sub) -> None:
     """Add ``export-onnx``, ``build-trt``, ``compare-backends`` and ``bench`` to ``spleen-seg``.
 
     Nothing heavy is imported here (``spleen-seg --help`` runs it): not the exporter, which
     imports torch; :mod:`spleen_utils.infer` imports only numpy.
     """
-    from .infer import PRECISIONS
+    from ..infer import PRECISIONS
 
     e = sub.add_parser("export-onnx", help="export a checkpoint to one self-describing ONNX file, validated against PyTorch")
     e.add_argument("--model", required=True, help="a spleen_utils checkpoint (best_model.pt)")
@@ -169,9 +140,9 @@ def register(sub) -> None:
     prec = t.add_mutually_exclusive_group()
     prec.add_argument("--fp16", dest="fp16", action="store_true", default=True, help="let TensorRT use FP16 kernels (default)")
     prec.add_argument("--fp32", dest="fp16", action="store_false", help="FP32 kernels only")
-    t.add_argument("--min-batch", type=_positive_int, default=1)
-    t.add_argument("--opt-batch", type=_positive_int, default=4)
-    t.add_argument("--max-batch", type=_positive_int, default=8)
+    t.add_argument("--min-batch", type=positive_int, default=1)
+    t.add_argument("--opt-batch", type=positive_int, default=4)
+    t.add_argument("--max-batch", type=positive_int, default=8)
     t.add_argument("--workspace-gb", type=float, default=4.0)
     t.set_defaults(func=cmd_build_trt)
 
@@ -183,7 +154,7 @@ def register(sub) -> None:
     c.add_argument("--real", help="a folder of real CT scans with spleen masks (X_image/X_label pairs; default: the scans shipped in spleen_utils.samples)")
     c.add_argument("--no-real", action="store_true", help="leave the real CT scans out")
     c.add_argument("--profile", choices=["quick", "full"], default="quick", help="whose dataset and validation split (default: quick)")
-    c.add_argument("--val-cases", type=_positive_int, help="validate on the last N cases (default: the profile's)")
+    c.add_argument("--val-cases", type=positive_int, help="validate on the last N cases (default: the profile's)")
     c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     c.add_argument("--window", choices=["auto", "whole", "sliding"], default="auto", help="the Predictor's window policy, the same for every backend")
     c.add_argument("--no-lcc", action="store_true", help="keep every connected component")
@@ -197,16 +168,16 @@ def register(sub) -> None:
     b.add_argument("--engine", help="a TensorRT engine built from it (GPU only)")
     b.add_argument("--images", nargs="+", help="CT files timed end to end (default: the real CT fixtures, when present)")
     b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    b.add_argument("--repeats", type=_positive_int, default=3, help="timed end-to-end runs per pipeline and image (default 3)")
-    b.add_argument("--patch-repeats", type=_positive_int, help="timed calls per patch measurement (default: max(repeats, 5))")
-    b.add_argument("--batch-sizes", type=_csv_ints, default=(1, 2, 4), help="patch batch sizes (default 1,2,4)")
-    b.add_argument("--patch", type=_csv_ints, help="patch size timed in the per-patch part (default 96,96,96)")
-    b.add_argument("--threads", type=_positive_int, help="PyTorch threads for the whole run, both pipelines alike (default: one per core)")
+    b.add_argument("--repeats", type=positive_int, default=3, help="timed end-to-end runs per pipeline and image (default 3)")
+    b.add_argument("--patch-repeats", type=positive_int, help="timed calls per patch measurement (default: max(repeats, 5))")
+    b.add_argument("--batch-sizes", type=positive_csv_ints, default=(1, 2, 4), help="patch batch sizes (default 1,2,4)")
+    b.add_argument("--patch", type=positive_csv_ints, help="patch size timed in the per-patch part (default 96,96,96)")
+    b.add_argument("--threads", type=positive_int, help="PyTorch threads for the whole run, both pipelines alike (default: one per core)")
     b.add_argument("--no-patch", action="store_true", help="skip the per-patch part")
     b.add_argument("--no-end-to-end", action="store_true", help="skip the whole-CT part")
     b.add_argument("--no-processes", action="store_true", help="skip timing each pipeline as a whole process (start-up included)")
     b.add_argument("--process-image", help="the CT timed as whole processes (default: the largest of --images)")
-    b.add_argument("--process-repeats", type=_positive_int, help="timed rounds of whole processes (default: --repeats)")
+    b.add_argument("--process-repeats", type=positive_int, help="timed rounds of whole processes (default: --repeats)")
     b.add_argument("--window", choices=["auto", "whole", "sliding"], default="auto", help="the default path's window policy (default: auto, the Predictor's)")
     b.add_argument("--precision", choices=PRECISIONS, default="auto", help="the default path's precision (default: auto, the Predictor's: fp32)")
     b.add_argument("--json", help="write the record here")
