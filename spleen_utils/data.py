@@ -17,9 +17,13 @@ import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import DataError
+from .errors import DataError, SpleenError
+from .provenance import utc_now, write_json
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 def read_dataset_json(dataset_dir: str | Path) -> dict:
@@ -95,6 +99,34 @@ def split_datalist(items: list[dict], val_cases: int, max_cases: int | None = No
     if not 0 < val_cases < len(items):
         raise DataError(f"cannot keep {val_cases} of {len(items)} cases for validation; at least one must train.")
     return items[:-val_cases], items[-val_cases:]
+
+
+def real_items(names: tuple[str, ...] | list[str], repeats: int = 1) -> list[dict]:
+    """Datalist entries of real scans shipped in :mod:`spleen_utils.samples`."""
+    from .samples import real_case
+
+    items = []
+    for name in names:
+        case = real_case(name)
+        items += [{"image": str(case.image), "label": str(case.label), "source": f"real:{name}"}] * max(int(repeats), 1)
+    return items
+
+
+def datalists(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """The training and validation entries of ``cfg``: its dataset's split plus the real samples it names."""
+    items = load_datalist(cfg.dataset_dir, "training")
+    train_items, val_items = split_datalist(items, cfg.val_cases, cfg.max_cases)
+    train_items = [i for i in train_items if "source" not in i or i["source"].split(":", 1)[0] in cfg.train_sources]
+    if not train_items and not cfg.real_train:
+        raise SpleenError(f"no training case left: the dataset has none from the sources {list(cfg.train_sources)}.")
+    return train_items + real_items(cfg.real_train, cfg.real_repeats), val_items + real_items(cfg.real_val)
+
+
+def count_sources(items: list[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for i in items:
+        out[str(i.get("source", "dataset"))] = out.get(str(i.get("source", "dataset")), 0) + 1
+    return out
 
 
 def file_md5(path: str | Path) -> str:
@@ -358,10 +390,7 @@ def download_msd(
             if target.exists() or target.is_symlink():  # an incomplete folder (no marker): replace it
                 os.replace(target, old)
             os.replace(task_root, target)
-            marker = {"url": url, "md5": md5, "actual_md5": actual, "completed": _utc_now()}
-            tmp_marker = target / f"{COMPLETE_MARKER}.tmp"
-            tmp_marker.write_text(json.dumps(marker, indent=2) + "\n")
-            os.replace(tmp_marker, target / COMPLETE_MARKER)
+            write_json({"url": url, "md5": md5, "actual_md5": actual, "completed": utc_now()}, target / COMPLETE_MARKER)
         except OSError as e:
             raise DataError(f"could not install MSD Task09 into {target}: {e.strerror or e}.") from None
         finally:
@@ -408,9 +437,3 @@ def _extract(archive: Path, into: Path) -> None:
         raise DataError(f"the downloaded MSD Task09 archive is corrupt ({reason}); retry the download.") from None
     except ValueError as e:  # MONAI refuses links and paths outside the folder
         raise DataError(f"the downloaded MSD Task09 archive is unsafe or corrupt ({e}); retry the download.") from None
-
-
-def _utc_now() -> str:
-    import datetime
-
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

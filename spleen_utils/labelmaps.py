@@ -344,8 +344,9 @@ CASE_SLICE_MM = (1.5, 5.0)
 
 
 def make_case(anatomy: Anatomy, seed: int, orientation: str | None = None):
-    """One CT-like case from a (2 mm, spleen-centred) real anatomy: a :class:`synthetic.Phantom`."""
-    from .synthetic import HU_RANGE, ORIENTATIONS, Phantom, _reorient
+    """One CT-like case from a (2 mm, spleen-centred) real anatomy: a :class:`spleen_utils.synthetic.Phantom`."""
+    from .synthetic.appearance import to_hu
+    from .synthetic.header import ORIENTATIONS, stored_case
 
     rng = np.random.default_rng(int(seed))
     prepared = prepare_anatomy(anatomy, rng)
@@ -362,13 +363,8 @@ def make_case(anatomy: Anatomy, seed: int, orientation: str | None = None):
     rng.bit_generator.state = after
     if not (tissues == ap.SPLEEN).any():
         raise DataError(f"label-map case {seed}: the spleen fell outside the field of view")
-    image = ap.paint(tissues, spacing, rng)
-    np.clip(image, *HU_RANGE, out=image)
-    image = np.rint(image).astype(np.int16)
+    image = to_hu(ap.paint(tissues, spacing, rng))
     label = (tissues == ap.SPLEEN).astype(np.uint8)
     codes = ORIENTATIONS[int(seed) % len(ORIENTATIONS)] if orientation is None else orientation
-    img_o, aff_o = _reorient(image, affine, codes)
-    lab_o, _ = _reorient(label, affine, codes)
-    tis_o, _ = _reorient(tissues, affine, codes)
     params = {"source": anatomy.name, "spleen_ml": float(label.sum()) * float(np.prod(spacing)) / 1000.0}
-    return Phantom(img_o, lab_o, aff_o, tis_o, codes, spacing, int(seed), params)
+    return stored_case(image, label, tissues, affine, codes, spacing, int(seed), params)

@@ -137,7 +137,7 @@ def profile_note(profile: str = "quick") -> str:
     if record.get("seconds"):
         hw = run.get("hardware") or {}
         where = hw.get("gpu") or hw.get("cpu", "this machine")
-        sentence = f"Executing the notebooks took {record['seconds'] / 60:.0f} min on {where} ({hw.get('cpu_count', '?')} CPU cores)"
+        sentence = f"Executing the notebooks took {record['seconds'] / 60:.0f} min on {where} ({hw.get('cpu_threads', hw.get('cpu_count', '?'))} CPU cores)"
         nb02 = record.get("notebooks", {}).get("02_training.ipynb", {}).get("seconds")
         if nb02 is not None and summary.get("train_seconds") and nb02 < summary["train_seconds"]:
             sentence += f"; notebook 02 reused a finished training run of the same configuration and data ({summary['train_seconds'] / 60:.0f} min of training)"

@@ -27,14 +27,12 @@ Data-parallel training (DDP) under ``torchrun``: see :mod:`spleen_utils.distribu
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import os
-import platform
 import random
-import subprocess
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,49 +40,18 @@ import numpy as np
 import torch
 
 from . import distributed
-from .config import PROJECT_ROOT, Config
-from .data import dataset_checksums, load_datalist, split_datalist
+from .config import Config
+from .data import count_sources, datalists, dataset_checksums  # datalists, count_sources: notebook 01 imports them from here
 from .errors import SpleenError
 from .io import atomic_path
-from .model import atomic_torch_save, build_network, cpu_supports_bf16, library_versions, resolve_device, save_checkpoint
+from .model import atomic_torch_save, build_network, cpu_supports_bf16, resolve_device, save_checkpoint
+from .provenance import git_revision, hardware, utc_now, versions, write_json
+from .runs import RunDir
 
 #: what ``last.pt`` holds (``state_format``); a state without it is from before exact resume
 STATE_FORMAT = "spleen_utils.train_state/2"
 
 WANDB_WARNING = "W&B not configured. Training in local mode only"
-
-
-def git_revision() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5)
-        if out.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def hardware(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 def wandb_run(cfg: Config):
@@ -166,34 +133,6 @@ def validate(model, loader, cfg: Config, device, autocast) -> tuple[float, dict[
     return value, by_source
 
 
-def real_items(names: tuple[str, ...] | list[str], repeats: int = 1) -> list[dict]:
-    """Datalist entries of real scans shipped in :mod:`spleen_utils.samples`."""
-    from .samples import real_case
-
-    items = []
-    for name in names:
-        case = real_case(name)
-        items += [{"image": str(case.image), "label": str(case.label), "source": f"real:{name}"}] * max(int(repeats), 1)
-    return items
-
-
-def datalists(cfg: Config) -> tuple[list[dict], list[dict]]:
-    """The training and validation entries of ``cfg``: its dataset's split plus the real samples it names."""
-    items = load_datalist(cfg.dataset_dir, "training")
-    train_items, val_items = split_datalist(items, cfg.val_cases, cfg.max_cases)
-    train_items = [i for i in train_items if "source" not in i or i["source"].split(":", 1)[0] in cfg.train_sources]
-    if not train_items and not cfg.real_train:
-        raise SpleenError(f"no training case left: the dataset has none from the sources {list(cfg.train_sources)}.")
-    return train_items + real_items(cfg.real_train, cfg.real_repeats), val_items + real_items(cfg.real_val)
-
-
-def count_sources(items: list[dict]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for i in items:
-        out[str(i.get("source", "dataset"))] = out.get(str(i.get("source", "dataset")), 0) + 1
-    return out
-
-
 def _read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
     if not path.exists():
         return []
@@ -270,17 +209,49 @@ def load_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str))
-
-
 def training_data(cfg: Config) -> str:
     """What a run learns from, in a few words; travels inside its checkpoint and ONNX file."""
     what = f"{cfg.dataset} (generated CT)" if cfg.dataset.startswith("Synthetic") else cfg.dataset
     if cfg.real_train:
         what += f" + {len(cfg.real_train)} real scan{'s' if len(cfg.real_train) != 1 else ''} ({', '.join(cfg.real_train)})"
     return what
+
+
+@dataclass
+class _Parts:
+    """What trains: the network (``net``, saved and validated), its DDP wrapper (``model``), loss and optimiser."""
+
+    net: torch.nn.Module
+    model: torch.nn.Module
+    loss_fn: Any
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    schedule: Any
+    autocast: Callable[[], Any]
+    precision: str
+
+
+@dataclass
+class _Progress:
+    """Where a run stands: carried from epoch to epoch and saved in ``last.pt``."""
+
+    start_epoch: int = 1
+    best: float = -1.0
+    best_epoch: int = 0
+    best_by_source: dict[str, float] = field(default_factory=dict)
+    elapsed_before: float = 0.0
+    history: list[dict] = field(default_factory=list)
+    skipped_total: int = 0
+
+
+@dataclass
+class _Data:
+    train_ds: Any
+    train_loader: Any
+    val_loader: Any
+    loader_rng: torch.Generator
+    n_train: int  # the cases this rank reads (its partition)
+    n_val: int
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds: float | None = None,
@@ -294,21 +265,17 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
     CUDA, each rank caching only its partition of the cases; ``sync_bn`` turns the network's batch
     norms into ``SyncBatchNorm`` (statistics over all ranks' crops; CUDA only).
     """
-    from monai.data import CacheDataset, DataLoader, partition_dataset
-    from monai.losses import DiceCELoss, DiceLoss
     from monai.utils import set_determinism
     from tqdm.auto import tqdm
 
     from .progress import report
-    from .transforms import train_transforms, val_transforms
 
     t_start = time.time()
-    out = Path(cfg.out_dir)
-    last_path, metrics_path = out / "last.pt", out / "metrics.jsonl"
-    if not resume and last_path.exists():
-        raise SpleenError(f"{out} already holds a run; pass --resume to continue it or choose another --out.")
-    if resume and not last_path.exists():
-        raise SpleenError(f"{out}: nothing to resume (no last.pt); start without --resume.")
+    run = RunDir(cfg.out_dir)
+    if not resume and run.last_state.exists():
+        raise SpleenError(f"{run} already holds a run; pass --resume to continue it or choose another --out.")
+    if resume and not run.last_state.exists():
+        raise SpleenError(f"{run}: nothing to resume (no last.pt); start without --resume.")
     train_items, val_items = datalists(cfg)  # a bad source or sample name fails before any folder is made
 
     device = resolve_device(cfg.device)
@@ -318,10 +285,96 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
     main = dist.is_main
     progress = progress and main
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        run.path.mkdir(parents=True, exist_ok=True)
     set_determinism(seed=cfg.seed)
-    r = cfg.recipe
+    data = _data(cfg, dist, train_items, val_items, progress)
+    parts = _parts(cfg, device, dist, sync_bn)
+    if resume:
+        at = _resume(cfg, run, parts, main)
+    else:
+        at = _Progress()
+        if main and run.metrics.exists():
+            run.metrics.unlink()
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
 
+        # channels-last 1x1x1 kernels have two valid stride sets; DDP's bucket views pick the other
+        # one and warn at every step (a copy, not an error)
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        parts.model = DistributedDataParallel(parts.net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    run_info = _run_record(cfg, parts, device, dist, train_items, val_items, data, resume_at=at.start_epoch if resume else None,
+                           sync_bn=sync_bn)
+    if main:
+        write_json(run_info, run.run_record)
+    wb = wandb_run(cfg) if main else None
+
+    t_train = time.time()
+    epoch = at.start_epoch - 1
+    if main:
+        report("training", at.start_epoch - 1, cfg.epochs, unit="epoch", elapsed_s=at.elapsed_before)
+    bar = tqdm(range(at.start_epoch, cfg.epochs + 1), desc="train", unit="epoch", disable=not progress,
+               initial=at.start_epoch - 1, total=cfg.epochs)
+    for epoch in bar:
+        t_epoch = time.time()
+        seed_epoch(cfg.seed, epoch, dist.rank, data.train_ds, data.loader_rng)
+        mean_loss, skipped = _train_epoch(parts, data.train_loader, device, dist)
+        row: dict[str, Any] = {"epoch": epoch, "loss": mean_loss, "val_dice": None,
+                               "skipped_steps": skipped, "lr": parts.optimizer.param_groups[0]["lr"]}
+        if parts.schedule is not None:
+            parts.schedule.step()
+        at.skipped_total += skipped
+        out_of_time = max_seconds is not None and at.elapsed_before + time.time() - t_train >= max_seconds
+        # one rank's clock decides for all: every rank must run the same number of epochs
+        out_of_time = bool(distributed.all_gather_object(out_of_time)[0])
+        new_best = False
+        if epoch % cfg.val_interval == 0 or epoch == cfg.epochs or out_of_time:
+            dice, by_source = validate(parts.net, data.val_loader, cfg, device, parts.autocast)
+            row["val_dice"] = dice
+            row["val_dice_by_source"] = by_source
+            if dice > at.best:
+                at.best, at.best_epoch, at.best_by_source, new_best = dice, epoch, by_source, True
+        row["seconds"] = time.time() - t_epoch
+        row["elapsed_s"] = at.elapsed_before + time.time() - t_train
+        at.history.append(row)
+        if main:
+            _checkpoint(cfg, run, parts, at, row, new_best, dist.world_size)
+        if wb is not None:
+            wb.log({k: v for k, v in row.items() if v is not None}, step=epoch)
+        bar.set_postfix(loss=f"{row['loss']:.3f}" if row["loss"] is not None else "nan", best_dice=f"{at.best:.3f}")
+        if main:
+            report("training", epoch, cfg.epochs, unit="epoch", elapsed_s=row["elapsed_s"],
+                   best_val_dice=round(at.best, 3) if at.best >= 0 else None)
+        if out_of_time:
+            break
+    bar.close()
+    ranks_in_sync = None
+    if dist.enabled:  # DDP keeps the replicas equal; a check that costs one small gather
+        digests = distributed.all_gather_object(_weights_digest(parts.net))
+        ranks_in_sync = len(set(digests)) == 1
+    if wb is not None:
+        wb.finish()
+
+    summary = _summary(cfg, at, epoch, at.elapsed_before + time.time() - t_train, device, parts.precision, dist,
+                       train_items, val_items, run_info["selection"])
+    if ranks_in_sync is not None:
+        summary["ranks_in_sync"] = ranks_in_sync
+    if main:
+        write_json(summary, run.summary)
+        run_info["finished"] = utc_now()
+        run_info["total_seconds"] = round(time.time() - t_start, 1)
+        write_json(run_info, run.run_record)
+    distributed.barrier()  # no rank leaves (and tears down the group) before rank 0 has written
+    return summary
+
+
+def _data(cfg: Config, dist, train_items: list[dict], val_items: list[dict], progress: bool) -> _Data:
+    """The cached datasets and loaders of this rank."""
+    from monai.data import CacheDataset, DataLoader, partition_dataset
+
+    from .transforms import train_transforms, val_transforms
+
+    r = cfg.recipe
     # the loaders see files only (plus each validation case's source and place): mixed text keys do
     # not collate. Under DDP each rank reads and caches only its partition: the training cases padded
     # so every rank takes the same number of steps, the validation cases split without padding
@@ -339,14 +392,20 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
     loader_rng = torch.Generator()
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, generator=loader_rng)
     val_loader = DataLoader(val_ds, batch_size=1, num_workers=cfg.num_workers)
+    return _Data(train_ds, train_loader, val_loader, loader_rng, len(train_data), len(val_data))
 
+
+def _parts(cfg: Config, device: torch.device, dist, sync_bn: bool) -> _Parts:
+    """The network, loss, optimiser, mixed precision and learning-rate schedule of ``cfg``."""
+    from monai.losses import DiceCELoss, DiceLoss
+
+    r = cfg.recipe
     # channels-last (NDHWC) activations: oneDNN's 3-D convolutions were measured 18% faster per
     # training step on this CPU (0.64 vs 0.78 s for four 64^3 crops), cuDNN's too with AMP
     net = build_network(r)
     if sync_bn and dist.enabled:
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     net = net.to(device, memory_format=torch.channels_last_3d)
-    model = net  # what trains (DDP's wrapper under torchrun); ``net`` is what is saved and validated
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True) if cfg.loss == "dicece" else DiceLoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.Adam(net.parameters(), r.learning_rate)
     autocast, precision = amp_context(device, cfg.amp)
@@ -354,48 +413,45 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
     schedule = None
     if cfg.lr_schedule == "cosine":
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=r.learning_rate * 0.02)
+    # ``model`` is what trains (DDP's wrapper under torchrun, set by the caller); ``net`` is what is saved and validated
+    return _Parts(net, net, loss_fn, optimizer, scaler, schedule, autocast, precision)
 
-    start_epoch, best, best_epoch, elapsed_before, best_by_source = 1, -1.0, 0, 0.0, {}
-    history: list[dict] = []
-    state: dict[str, Any] = {}
-    if resume:
-        # onto the CPU first: the RNG states must stay CPU ByteTensors; load_state_dict moves the rest
-        state = load_state(last_path)
-        net.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        if schedule is not None and state.get("schedule"):
-            schedule.load_state_dict(state["schedule"])
-        start_epoch, best, best_epoch = state["epoch"] + 1, state["best_metric"], state["best_epoch"]
-        best_by_source = json.loads(state.get("best_by_source", "{}"))
-        elapsed_before = state.get("train_seconds", 0.0)
-        if "history" in state:
-            history = json.loads(state["history"])
-        else:  # a state from before exact resume: the history lives only in metrics.jsonl
-            history = _read_metrics(metrics_path, state["epoch"])
-        set_rng_states(state.get("rng", {"torch": state["torch_rng"]} if "torch_rng" in state else {}))
-        if main:
-            with atomic_path(metrics_path) as tmp:
-                tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-            # the best epoch's state was saved, then the run stopped before best_model.pt was
-            # written: its weights are the ones just loaded
-            if best_epoch == state["epoch"] and best_epoch > 0 and _checkpoint_epoch(out / "best_model.pt") != best_epoch:
-                save_checkpoint(net, r, out / "best_model.pt", epoch=best_epoch, best_metric=best, profile=cfg.profile,
-                                training_data=training_data(cfg))
-    elif main and metrics_path.exists():
-        metrics_path.unlink()
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel
 
-        # channels-last 1x1x1 kernels have two valid stride sets; DDP's bucket views pick the other
-        # one and warn at every step (a copy, not an error)
-        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+def _resume(cfg: Config, run: RunDir, parts: _Parts, main: bool) -> _Progress:
+    """Load ``last.pt`` into ``parts`` and the random states; returns where the run stood."""
+    # onto the CPU first: the RNG states must stay CPU ByteTensors; load_state_dict moves the rest
+    state = load_state(run.last_state)
+    parts.net.load_state_dict(state["state_dict"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scaler.load_state_dict(state["scaler"])
+    if parts.schedule is not None and state.get("schedule"):
+        parts.schedule.load_state_dict(state["schedule"])
+    at = _Progress(start_epoch=state["epoch"] + 1, best=state["best_metric"], best_epoch=state["best_epoch"],
+                   best_by_source=json.loads(state.get("best_by_source", "{}")),
+                   elapsed_before=state.get("train_seconds", 0.0), skipped_total=int(state.get("skipped_steps", 0)))
+    if "history" in state:
+        at.history = json.loads(state["history"])
+    else:  # a state from before exact resume: the history lives only in metrics.jsonl
+        at.history = _read_metrics(run.metrics, state["epoch"])
+    set_rng_states(state.get("rng", {"torch": state["torch_rng"]} if "torch_rng" in state else {}))
+    if main:
+        with atomic_path(run.metrics) as tmp:
+            tmp.write_text("".join(json.dumps(h) + "\n" for h in at.history))
+        # the best epoch's state was saved, then the run stopped before best_model.pt was
+        # written: its weights are the ones just loaded
+        if at.best_epoch == state["epoch"] and at.best_epoch > 0 and _checkpoint_epoch(run.best_model) != at.best_epoch:
+            save_checkpoint(parts.net, cfg.recipe, run.best_model, epoch=at.best_epoch, best_metric=at.best,
+                            profile=cfg.profile, training_data=training_data(cfg))
+    return at
 
-    run_info = {
+
+def _run_record(cfg: Config, parts: _Parts, device: torch.device, dist, train_items: list[dict], val_items: list[dict],
+                data: _Data, resume_at: int | None, sync_bn: bool) -> dict[str, Any]:
+    """``run.json``: configuration, versions, git revision, hardware, split, data checksums, DDP layout."""
+    return {
         "config": cfg.to_dict(),
-        "precision": precision,
-        "versions": library_versions(),
+        "precision": parts.precision,
+        "versions": versions(),
         "git_revision": git_revision(),
         "hardware": hardware(device),
         "split": {"train": [Path(i["image"]).name for i in train_items], "val": [Path(i["image"]).name for i in val_items]},
@@ -403,126 +459,90 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
         "selection": "best checkpoint by mean validation Dice over "
         + ("all validation cases, real ones included" if cfg.select_on == "all" else "the generated validation cases (real held-out scans are not used)"),
         "data_md5": dataset_checksums(train_items + val_items),
-        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "resumed_at_epoch": start_epoch if resume else None,
+        "started": utc_now(),
+        "resumed_at_epoch": resume_at,
         "world_size": dist.world_size,
         "distributed_backend": dist.backend,
         "sync_bn": bool(sync_bn and dist.enabled),
         "batch_size_global": cfg.batch_size * dist.world_size,
         # what each rank read and cached (its partition; the training cases padded to equal shares)
-        "cases_per_rank": {"train": distributed.all_gather_object(len(train_data)),
-                           "val": distributed.all_gather_object(len(val_data))},
+        "cases_per_rank": {"train": distributed.all_gather_object(data.n_train),
+                           "val": distributed.all_gather_object(data.n_val)},
     }
-    if main:
-        _write_json(out / "run.json", run_info)
-    wb = wandb_run(cfg) if main else None
 
-    t_train = time.time()
-    epoch = start_epoch - 1
-    skipped_total = int(state.get("skipped_steps", 0)) if resume else 0
-    if main:
-        report("training", start_epoch - 1, cfg.epochs, unit="epoch", elapsed_s=elapsed_before)
-    bar = tqdm(range(start_epoch, cfg.epochs + 1), desc="train", unit="epoch", disable=not progress, initial=start_epoch - 1, total=cfg.epochs)
-    for epoch in bar:
-        t_epoch = time.time()
-        seed_epoch(cfg.seed, epoch, dist.rank, train_ds, loader_rng)
-        model.train()
-        losses, skipped = [], 0
-        for batch in train_loader:
-            # plain tensors in the hot loop: MetaTensor bookkeeping on every op costs time
-            image, label = _plain(batch["image"], device), _plain(batch["label"], device)
-            image = image.contiguous(memory_format=torch.channels_last_3d)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast():
-                logits = model(image)
-            # the loss in fp32, outside autocast: a bf16/fp16 softmax and Dice sum can overflow
-            loss = loss_fn(logits.float(), label)
-            # a non-finite step is skipped, not applied, and counted (by every rank when one has it:
-            # DDP's gradient averaging needs all ranks in the same backward)
-            if not distributed.all_true(bool(torch.isfinite(loss)), device):
-                skipped += 1
-                continue
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(loss.item())
-        distributed.broadcast_buffers(net)  # one set of batch-norm statistics to validate and save
-        if dist.enabled:  # the mean over every rank's steps, as one process would log it
-            parts = distributed.all_gather_object((sum(losses), len(losses), skipped))
-            total, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
-            mean_loss, skipped = (total / count if count else None), max(p[2] for p in parts)
-        else:
-            mean_loss = sum(losses) / len(losses) if losses else None
-        row: dict[str, Any] = {"epoch": epoch, "loss": mean_loss, "val_dice": None,
-                               "skipped_steps": skipped, "lr": optimizer.param_groups[0]["lr"]}
-        if schedule is not None:
-            schedule.step()
-        skipped_total += skipped
-        out_of_time = max_seconds is not None and elapsed_before + time.time() - t_train >= max_seconds
-        # one rank's clock decides for all: every rank must run the same number of epochs
-        out_of_time = bool(distributed.all_gather_object(out_of_time)[0])
-        new_best = False
-        if epoch % cfg.val_interval == 0 or epoch == cfg.epochs or out_of_time:
-            dice, by_source = validate(net, val_loader, cfg, device, autocast)
-            row["val_dice"] = dice
-            row["val_dice_by_source"] = by_source
-            if dice > best:
-                best, best_epoch, best_by_source, new_best = dice, epoch, by_source, True
-        row["seconds"] = time.time() - t_epoch
-        row["elapsed_s"] = elapsed_before + time.time() - t_train
-        history.append(row)
-        if main:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            # the combined state first (atomic, fsync'd), then the best model: after a crash between
-            # the two, resume sees that this epoch was the best and rewrites best_model.pt from it
-            atomic_torch_save(
-                {
-                    "state_format": STATE_FORMAT,
-                    "state_dict": net.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "schedule": schedule.state_dict() if schedule is not None else None,
-                    "epoch": epoch,
-                    "best_metric": best,
-                    "best_epoch": best_epoch,
-                    "best_by_source": json.dumps(best_by_source),
-                    "skipped_steps": skipped_total,
-                    "train_seconds": row["elapsed_s"],
-                    "history": json.dumps(history),
-                    "rng": rng_states(),
-                    "seed": cfg.seed,
-                    "world_size": dist.world_size,
-                },
-                last_path,
-            )
-            if new_best:
-                save_checkpoint(net, r, out / "best_model.pt", epoch=epoch, best_metric=best, profile=cfg.profile,
-                                training_data=training_data(cfg))
-        if wb is not None:
-            wb.log({k: v for k, v in row.items() if v is not None}, step=epoch)
-        bar.set_postfix(loss=f"{row['loss']:.3f}" if row["loss"] is not None else "nan", best_dice=f"{best:.3f}")
-        if main:
-            report("training", epoch, cfg.epochs, unit="epoch", elapsed_s=row["elapsed_s"],
-                   best_val_dice=round(best, 3) if best >= 0 else None)
-        if out_of_time:
-            break
-    bar.close()
-    ranks_in_sync = None
-    if dist.enabled:  # DDP keeps the replicas equal; a check that costs one small gather
-        digests = distributed.all_gather_object(_weights_digest(net))
-        ranks_in_sync = len(set(digests)) == 1
-    if wb is not None:
-        wb.finish()
 
-    train_seconds = elapsed_before + time.time() - t_train
-    summary = {
+def _train_epoch(parts: _Parts, loader, device: torch.device, dist) -> tuple[float | None, int]:
+    """One pass over the training loader: the mean loss (over every rank's steps) and the skipped steps."""
+    parts.model.train()
+    losses, skipped = [], 0
+    for batch in loader:
+        # plain tensors in the hot loop: MetaTensor bookkeeping on every op costs time
+        image, label = _plain(batch["image"], device), _plain(batch["label"], device)
+        image = image.contiguous(memory_format=torch.channels_last_3d)
+        parts.optimizer.zero_grad(set_to_none=True)
+        with parts.autocast():
+            logits = parts.model(image)
+        # the loss in fp32, outside autocast: a bf16/fp16 softmax and Dice sum can overflow
+        loss = parts.loss_fn(logits.float(), label)
+        # a non-finite step is skipped, not applied, and counted (by every rank when one has it:
+        # DDP's gradient averaging needs all ranks in the same backward)
+        if not distributed.all_true(bool(torch.isfinite(loss)), device):
+            skipped += 1
+            continue
+        parts.scaler.scale(loss).backward()
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        losses.append(loss.item())
+    distributed.broadcast_buffers(parts.net)  # one set of batch-norm statistics to validate and save
+    if dist.enabled:  # the mean over every rank's steps, as one process would log it
+        gathered = distributed.all_gather_object((sum(losses), len(losses), skipped))
+        total, count = sum(p[0] for p in gathered), sum(p[1] for p in gathered)
+        return (total / count if count else None), max(p[2] for p in gathered)
+    return (sum(losses) / len(losses) if losses else None), skipped
+
+
+def _checkpoint(cfg: Config, run: RunDir, parts: _Parts, at: _Progress, row: dict, new_best: bool, world_size: int) -> None:
+    """After an epoch (rank 0): its metrics line, the combined state, and the best model when it is one."""
+    epoch = row["epoch"]
+    with run.metrics.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    # the combined state first (atomic, fsync'd), then the best model: after a crash between
+    # the two, resume sees that this epoch was the best and rewrites best_model.pt from it
+    atomic_torch_save(
+        {
+            "state_format": STATE_FORMAT,
+            "state_dict": parts.net.state_dict(),
+            "optimizer": parts.optimizer.state_dict(),
+            "scaler": parts.scaler.state_dict(),
+            "schedule": parts.schedule.state_dict() if parts.schedule is not None else None,
+            "epoch": epoch,
+            "best_metric": at.best,
+            "best_epoch": at.best_epoch,
+            "best_by_source": json.dumps(at.best_by_source),
+            "skipped_steps": at.skipped_total,
+            "train_seconds": row["elapsed_s"],
+            "history": json.dumps(at.history),
+            "rng": rng_states(),
+            "seed": cfg.seed,
+            "world_size": world_size,
+        },
+        run.last_state,
+    )
+    if new_best:
+        save_checkpoint(parts.net, cfg.recipe, run.best_model, epoch=epoch, best_metric=at.best, profile=cfg.profile,
+                        training_data=training_data(cfg))
+
+
+def _summary(cfg: Config, at: _Progress, epoch: int, train_seconds: float, device: torch.device, precision: str, dist,
+             train_items: list[dict], val_items: list[dict], selection: str) -> dict[str, Any]:
+    """``summary.json``: the best validation Dice (overall and per source) and how the run went."""
+    return {
         "profile": cfg.profile,
-        "best_val_dice": best,
-        "best_epoch": best_epoch,
-        "best_val_dice_by_source": best_by_source,
-        "selection": run_info["selection"],
-        "skipped_steps": skipped_total,
+        "best_val_dice": at.best,
+        "best_epoch": at.best_epoch,
+        "best_val_dice_by_source": at.best_by_source,
+        "selection": selection,
+        "skipped_steps": at.skipped_total,
         "epochs": epoch,
         "epochs_planned": cfg.epochs,
         "train_seconds": round(train_seconds, 1),
@@ -536,15 +556,6 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, max_seconds:
         "real_val": list(cfg.real_val),
         "world_size": dist.world_size,
     }
-    if ranks_in_sync is not None:
-        summary["ranks_in_sync"] = ranks_in_sync
-    if main:
-        _write_json(out / "summary.json", summary)
-        run_info["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        run_info["total_seconds"] = round(time.time() - t_start, 1)
-        _write_json(out / "run.json", run_info)
-    distributed.barrier()  # no rank leaves (and tears down the group) before rank 0 has written
-    return summary
 
 
 def _weights_digest(net: torch.nn.Module) -> str:

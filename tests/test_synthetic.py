@@ -128,7 +128,7 @@ def test_geometry_varies_within_the_stated_ranges(dataset):
 
 @pytest.mark.parametrize("inplane, slice_mm, fov, z", [(0.6, 1.5, 400, 200), (0.6, 5.0, 400, 200), (1.0, 1.5, 310, 120), (0.8, 3.0, 350, 160)])
 def test_spacing_is_coarsened_to_fit_the_voxel_budget(inplane, slice_mm, fov, z):
-    sx, sy, sz = synthetic._capped_spacing(inplane, slice_mm, fov, z, synthetic.MAX_VOXELS)
+    sx, sy, sz = synthetic.header._capped_spacing(inplane, slice_mm, fov, z, synthetic.MAX_VOXELS)
     assert sx == sy and sx >= inplane and sz >= slice_mm
     assert synthetic.INPLANE_SPACING_MM[0] <= sx <= synthetic.INPLANE_SPACING_MM[1]
     assert synthetic.SLICE_SPACING_MM[0] <= sz <= synthetic.SLICE_SPACING_MM[1]
@@ -212,7 +212,7 @@ def test_spleen_position_size_and_intensity(seed):
 
 
 def test_idempotent_and_never_half_written(tmp_path, monkeypatch):
-    monkeypatch.setattr(synthetic, "MAX_VOXELS", 1_000_000)  # coarser cases, same logic: faster
+    monkeypatch.setattr(synthetic.header, "MAX_VOXELS", 1_000_000)  # coarser cases, same logic: faster
     root = tmp_path / "data"
     first = write_synthetic_dataset(root, cases=1, test_cases=0, seed=3, progress=False)
     files = sorted(p for p in first.rglob("*") if p.is_file())
@@ -233,7 +233,7 @@ def test_idempotent_and_never_half_written(tmp_path, monkeypatch):
         return real(seed, *args, **kwargs)
 
     with monkeypatch.context() as m:
-        m.setattr(synthetic, "generate_case", failing)
+        m.setattr(synthetic.dataset, "generate_case", failing)
         with pytest.raises(KeyboardInterrupt):
             write_synthetic_dataset(root, cases=1, test_cases=1, seed=3, progress=False)
     assert {p: p.stat().st_mtime_ns for p in files} == stamps
