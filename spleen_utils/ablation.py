@@ -16,8 +16,6 @@ the Dice per real scan, with the date and the machine. Run: ``spleen-seg ablatio
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
 import json
 import math
 import shlex
@@ -81,11 +79,10 @@ def step_configs(root: Path | None = None) -> list[tuple[str, str, Config, list[
 
 def run_ablation(record: Path = DEFAULT_RECORD, root: Path | None = None, progress: bool = True, log=print) -> dict[str, Any]:
     """Train (or reuse) every step, score each on the real scans, write and return the record."""
+    from .evaluate import evaluate_items, predict_items, real_cases, real_role
     from .infer import Predictor
-    import torch
-
-    from .train import hardware
-    from .reproduce import evaluate_items, predict_items, prepare_dataset, real_cases, real_role, train_or_reuse
+    from .provenance import hardware, utc_now, write_json
+    from .runs import RunDir, prepare_dataset, train_or_reuse
 
     steps = step_configs(root)
     log(prepare_dataset(steps[0][2], progress=progress))
@@ -100,9 +97,10 @@ def run_ablation(record: Path = DEFAULT_RECORD, root: Path | None = None, progre
         t0 = time.perf_counter()
         summary, status = train_or_reuse(cfg, progress=progress)
         log(f"  {status}")
-        predictor = Predictor.from_path(Path(cfg.out_dir) / "best_model.pt", backend="torch", device="cpu", precision="fp32")
-        recs = predict_items(predictor, items, Path(cfg.out_dir) / "predictions" / "real")
-        ev = evaluate_items(recs, items, Path(cfg.out_dir) / "eval" / "real.json")
+        run = RunDir(cfg.out_dir)
+        predictor = Predictor.from_path(run.best_model, backend="torch", device="cpu", precision="fp32")
+        recs = predict_items(predictor, items, run.predictions / "real")
+        ev = evaluate_items(recs, items, run.eval / "real.json")
         real = {c["name"]: {"dice": round(c["dice"], 4), "role": real_role(i, cfg), "label_source": i.get("label_source")}
                 for c, i in zip(ev["cases"], items)}
         log("  real CT Dice: " + ", ".join(f"{n} {v['dice']:.3f}" for n, v in real.items()))
@@ -111,11 +109,9 @@ def run_ablation(record: Path = DEFAULT_RECORD, root: Path | None = None, progre
                      "best_val_dice": summary.get("best_val_dice"), "best_val_dice_by_source": summary.get("best_val_dice_by_source"),
                      "real": real, "seconds": round(time.perf_counter() - t0, 1)})
     out = {"what": "quick-profile ablation: real-CT Dice as the training data gain one ingredient at a time",
-           "command": "spleen-seg ablation", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "hardware": hardware(torch.device("cpu")), "quick_profile": profile_settings(), "steps": rows}
-    record = Path(record)
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(out, indent=2) + "\n")
+           "command": "spleen-seg ablation", "date": utc_now(),
+           "hardware": hardware("cpu"), "quick_profile": profile_settings(), "steps": rows}
+    record = write_json(out, record)  # atomic, parent folders made
     log(f"record: {record}")
     return out
 
@@ -175,7 +171,7 @@ def markdown(path: Path = DEFAULT_RECORD) -> str:
     hw = record.get("hardware") or {}
     roles = "; ".join(f"`{n}`: {v['role']}, {v['label_source']} label" for n, v in record["steps"][-1]["real"].items())
     lines = [markdown_table(table(record), floatfmt=".3f"), "",
-             f"Measured on {record['date'][:10]} on {hw.get('cpu', '?')} ({hw.get('cpu_count', '?')} cores, CPU only) "
+             f"Measured on {record['date'][:10]} on {hw.get('cpu', '?')} ({hw.get('cpu_threads', hw.get('cpu_count', '?'))} cores, CPU only) "
              f"by `{record['command']}`. The real scans, as the last row used them (the rows above train on no real "
              f"scan): {roles}. The commands, one per row:", ""]
     lines += [f"{k}. `{s['command']}`" for k, s in enumerate(record["steps"], start=1)]
@@ -183,16 +179,3 @@ def markdown(path: Path = DEFAULT_RECORD) -> str:
     if note:
         lines += ["", f"**Note.** {note}"]
     return "\n".join(lines)
-
-
-def cmd_ablation(a: argparse.Namespace) -> int:
-    run_ablation(Path(a.out), progress=not a.quiet)
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("ablation", help="train the quick profile four times, adding one data ingredient each time; real-CT Dice per step",
-                              description=__doc__.split("\n\n")[1] if __doc__ else None)
-    p.add_argument("--out", default=str(DEFAULT_RECORD), help="the JSON record (default: book/records/ablation.json)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_ablation)

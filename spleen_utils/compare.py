@@ -114,46 +114,26 @@ def compare_backends(
     a temporary ONNX file (validated) so that ONNX Runtime is compared too. Returns the record
     (:data:`COMPARE_FORMAT`) and writes it to ``json_out`` when given.
     """
-    from .bench import hardware_info, utc_now, versions, write_json
-    from .config import get_config
-    from .io import load_nifti
-    from .metrics import dice
     from .backends import file_sha256
+    from .config import get_config
     from .model import read_checkpoint, resolve_device
+    from .provenance import EXPORT_LIBRARIES, hardware, utc_now, versions, write_json
 
     say = progress or (lambda s: None)
     model_path = Path(model_path)
     ckpt = read_checkpoint(model_path)  # a clear error for a missing or foreign file
     cfg = get_config(profile)
     dev = resolve_device(device)
-
-    cases: list[dict[str, str]] = []
-    notes: list[str] = []
-    if data_dir is False:
-        data_dir = None
-    elif data_dir is None:
-        if (cfg.dataset_dir / "dataset.json").exists():
-            data_dir = cfg.dataset_dir
-        else:
-            notes.append(f"no dataset: {cfg.dataset_dir} does not exist and --data was not given")
-    if data_dir is not None:
-        cases += validation_cases(data_dir, val_cases or cfg.val_cases)
-    if real_dir is None:  # the real scans shipped with the library (spleen_utils.samples)
-        from .reproduce import real_cases as shipped_cases
-
-        cases += [{"name": c["name"], "image": c["image"], "label": c["label"], "source": "real"} for c in shipped_cases()[0]]
-    elif real_dir is not False:
-        cases += real_cases(real_dir)
-    if not cases:
-        raise SpleenError("nothing to compare on: give a dataset (--data) or the real CT fixtures (--real).")
+    cases, notes, data_dir = _gather_cases(cfg, data_dir, real_dir, val_cases)
 
     with contextlib.ExitStack() as stack:
         onnx_note = None
         if onnx_path is None and export_onnx_if_missing:
             from .export import export_onnx
+            from .runs import ONNX_MODEL
 
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="spleen-compare-")))
-            onnx_path = tmp / "model.onnx"
+            onnx_path = tmp / ONNX_MODEL
             say("exporting the checkpoint to ONNX")
             rep = export_onnx(model_path, onnx_path)
             onnx_note = f"exported from the checkpoint for this comparison (max |ORT - torch| {max(rep['max_abs_diff'].values()):.2g})"
@@ -166,42 +146,93 @@ def compare_backends(
                 missing.append({"key": spec["key"], "reason": str(e)})
         keys = list(predictors)
         pairs = list(itertools.combinations(keys, 2))
-
-        rows = []
-        for case in cases:
-            vol = load_nifti(case["image"])
-            label = load_nifti(case["label"], what="label", dtype=None)
-            if label.shape != vol.shape:
-                raise SpleenError(f"{case['label']}: the label's shape {label.shape} differs from its image's {vol.shape}.")
-            lab = label.array > 0
-            masks, seconds, plans = {}, {}, {}
-            for k, p in predictors.items():
-                say(f"{case['name']}: {k}")
-                t0 = time.perf_counter()
-                masks[k], _ = p.predict_volume(vol)
-                seconds[k] = time.perf_counter() - t0
-            from .infer import prepare
-
-            prep = prepare(vol, predictors[keys[0]].recipe) if keys else None
-            for k, p in predictors.items():
-                plans[k] = p.window_plan(tuple(prep.image.shape)) if prep is not None and not isinstance(prep, str) else None
-            rows.append(
-                {
-                    "name": case["name"],
-                    "source": case["source"],
-                    "image": case["image"],
-                    "shape": list(vol.shape),
-                    "label_voxels": int(lab.sum()),
-                    "dice": {k: dice(m, lab) for k, m in masks.items()},
-                    "voxels": {k: int(m.sum()) for k, m in masks.items()},
-                    "seconds": seconds,
-                    "window_plan": plans,
-                    "agreement": {f"{a}|{b}": dice(masks[a], masks[b]) for a, b in pairs},
-                    "differing_voxels": {f"{a}|{b}": int((masks[a] != masks[b]).sum()) for a, b in pairs},
-                }
-            )
+        rows = [_compare_case(case, predictors, pairs, say) for case in cases]
         descriptions = {k: p.description for k, p in predictors.items()}
 
+    record = {
+        "format": COMPARE_FORMAT,
+        "date": utc_now(),
+        "device": str(dev),
+        "hardware": hardware(dev),
+        "versions": versions(EXPORT_LIBRARIES),
+        "model": {"path": str(model_path), "sha256": file_sha256(model_path), "epoch": ckpt.get("epoch"), "onnx": onnx_note or (str(onnx_path) if onnx_path else None)},
+        "settings": {"window": window, "lcc": lcc, "profile": profile, "data": str(data_dir) if data_dir else None, "real": str(real_dir) if real_dir else None},
+        "backends": descriptions,
+        "unavailable": missing,
+        "notes": notes,
+        "cases": rows,
+        "summary": _summary(rows, keys, pairs),
+    }
+    if json_out is not None:
+        write_json(record, json_out)
+    return record
+
+
+def _gather_cases(cfg, data_dir, real_dir, val_cases: int | None) -> tuple[list[dict[str, str]], list[str], Any]:
+    """``(cases, notes, data_dir)``: the held-out cases of the dataset (the profile's when
+    ``data_dir`` is None and it exists; none when False) and the real scans (the shipped ones
+    when ``real_dir`` is None; none when False); ``data_dir`` as used."""
+    cases: list[dict[str, str]] = []
+    notes: list[str] = []
+    if data_dir is False:
+        data_dir = None
+    elif data_dir is None:
+        if (cfg.dataset_dir / "dataset.json").exists():
+            data_dir = cfg.dataset_dir
+        else:
+            notes.append(f"no dataset: {cfg.dataset_dir} does not exist and --data was not given")
+    if data_dir is not None:
+        cases += validation_cases(data_dir, val_cases or cfg.val_cases)
+    if real_dir is None:  # the real scans shipped with the library (spleen_utils.samples)
+        from .evaluate import real_cases as shipped_cases
+
+        cases += [{"name": c["name"], "image": c["image"], "label": c["label"], "source": "real"} for c in shipped_cases()[0]]
+    elif real_dir is not False:
+        cases += real_cases(real_dir)
+    if not cases:
+        raise SpleenError("nothing to compare on: give a dataset (--data) or the real CT fixtures (--real).")
+    return cases, notes, data_dir
+
+
+def _compare_case(case: dict[str, str], predictors: dict[str, Any], pairs: list[tuple[str, str]], say: Callable[[str], None]) -> dict[str, Any]:
+    """One case segmented by every predictor: Dice against its label, voxels, seconds, window
+    plan, and the agreement of each pair of backends."""
+    from .infer import prepare
+    from .io import load_nifti
+    from .metrics import dice
+
+    vol = load_nifti(case["image"])
+    label = load_nifti(case["label"], what="label", dtype=None)
+    if label.shape != vol.shape:
+        raise SpleenError(f"{case['label']}: the label's shape {label.shape} differs from its image's {vol.shape}.")
+    lab = label.array > 0
+    masks, seconds, plans = {}, {}, {}
+    for k, p in predictors.items():
+        say(f"{case['name']}: {k}")
+        t0 = time.perf_counter()
+        masks[k], _ = p.predict_volume(vol)
+        seconds[k] = time.perf_counter() - t0
+    prep = prepare(vol, next(iter(predictors.values())).recipe) if predictors else None
+    for k, p in predictors.items():
+        plans[k] = p.window_plan(tuple(prep.image.shape)) if prep is not None and not isinstance(prep, str) else None
+    return {
+        "name": case["name"],
+        "source": case["source"],
+        "image": case["image"],
+        "shape": list(vol.shape),
+        "label_voxels": int(lab.sum()),
+        "dice": {k: dice(m, lab) for k, m in masks.items()},
+        "voxels": {k: int(m.sum()) for k, m in masks.items()},
+        "seconds": seconds,
+        "window_plan": plans,
+        "agreement": {f"{a}|{b}": dice(masks[a], masks[b]) for a, b in pairs},
+        "differing_voxels": {f"{a}|{b}": int((masks[a] != masks[b]).sum()) for a, b in pairs},
+    }
+
+
+def _summary(rows: list[dict[str, Any]], keys: list[str], pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """Mean Dice per backend, the lowest agreement per pair, and whether torch fp32 and ONNX
+    Runtime fp32 meet :data:`AGREEMENT_TARGET`."""
     summary = {
         "mean_dice": {k: float(np.mean([r["dice"][k] for r in rows])) for k in keys},
         "min_agreement": {f"{a}|{b}": min(r["agreement"][f"{a}|{b}"] for r in rows) for a, b in pairs},
@@ -214,23 +245,7 @@ def compare_backends(
             "min": summary["min_agreement"][target_pair],
             "met": summary["min_agreement"][target_pair] >= AGREEMENT_TARGET,
         }
-    record = {
-        "format": COMPARE_FORMAT,
-        "date": utc_now(),
-        "device": str(dev),
-        "hardware": hardware_info(dev),
-        "versions": versions(),
-        "model": {"path": str(model_path), "sha256": file_sha256(model_path), "epoch": ckpt.get("epoch"), "onnx": onnx_note or (str(onnx_path) if onnx_path else None)},
-        "settings": {"window": window, "lcc": lcc, "profile": profile, "data": str(data_dir) if data_dir else None, "real": str(real_dir) if real_dir else None},
-        "backends": descriptions,
-        "unavailable": missing,
-        "notes": notes,
-        "cases": rows,
-        "summary": summary,
-    }
-    if json_out is not None:
-        write_json(record, json_out)
-    return record
+    return summary
 
 
 def format_comparison(record: dict[str, Any]) -> str:

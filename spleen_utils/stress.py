@@ -88,16 +88,17 @@ PERTURBATIONS: dict[str, Perturbation] = {
 
 def stress(run: str | Path, items: list[dict[str, str]], progress: bool = False) -> list[dict[str, Any]]:
     """One row per real scan and perturbation: the Dice of each way of keeping one component
-    (:func:`spleen_utils.reproduce.component_rules`: the predictor once with every component,
+    (:func:`spleen_utils.evaluate.component_rules`: the predictor once with every component,
     once with its own rule).
 
     Perturbations that would not change a scan (5 mm slices of a scan whose slices are thicker
     already) are left out."""
+    from .evaluate import component_rules
     from .infer import Predictor
     from .io import load_nifti
-    from .reproduce import component_rules
+    from .runs import RunDir
 
-    model = Path(run) / "best_model.pt"
+    model = RunDir(run).best_model
     raw = Predictor.from_path(model, backend="torch", device="cpu", precision="fp32", lcc=False)
     kept = Predictor.from_path(model, backend="torch", device="cpu", precision="fp32")
     rows = []
@@ -130,13 +131,9 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def run_description(run: str | Path) -> dict[str, Any]:
     """What a run folder's model is: its profile, seed, data and training time (from ``run.json``
     and ``summary.json``; empty fields when the run did not record them)."""
-    def read(name: str) -> dict[str, Any]:
-        try:
-            return json.loads((Path(run) / name).read_text())
-        except (OSError, json.JSONDecodeError):
-            return {}
+    from .runs import RUN_RECORD, SUMMARY, RunDir
 
-    cfg, summ = read("run.json").get("config", {}), read("summary.json")
+    cfg, summ = (RunDir(run).read(RUN_RECORD) or {}).get("config", {}), RunDir(run).read(SUMMARY) or {}
     return {"profile": cfg.get("profile"), "seed": cfg.get("seed"), "data": cfg.get("data_root"),
             "best_epoch": summ.get("best_epoch"), "train_seconds": summ.get("train_seconds")}
 
@@ -144,14 +141,12 @@ def run_description(run: str | Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     import shlex
 
-    import torch
-
-    from .bench import utc_now, write_json
-    from .reproduce import real_cases
-    from .train import hardware
+    from .evaluate import real_cases
+    from .provenance import hardware, utc_now, write_json
+    from .runs import BEST_MODEL
 
     ap = argparse.ArgumentParser(prog="python -m spleen_utils.stress", description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", help="run folders holding best_model.pt")
+    ap.add_argument("runs", nargs="+", help=f"run folders holding {BEST_MODEL}")
     ap.add_argument("--out", help="write the record here (JSON: the command, date, machine, runs, rows and summary)")
     a = ap.parse_args(argv)
     items, why = real_cases(validation=True)
@@ -164,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"what": "real scans and stressed versions of them through two ways of keeping one component "
                       "(spleen_utils.stress)",
               "command": f"{ap.prog} {shlex.join(sys.argv[1:] if argv is None else argv)}",
-              "date": utc_now(), "hardware": hardware(torch.device("cpu")),
+              "date": utc_now(), "hardware": hardware("cpu"),
               "runs": {str(run): run_description(run) for run in a.runs},
               "rows": rows, "summary": summary(rows)}
     print(json.dumps(result["summary"], indent=1))

@@ -1,8 +1,17 @@
-"""The MONAI transform chains of the spleen recipe: training, validation and inference.
+"""The one preprocessing spec of the spleen recipe, and its MONAI transform chains.
 
 Order follows the MONAI spleen tutorial: window the HU range to [0, 1], crop to the body, orient
 to RAS, resample to the recipe's spacing. Every spatial step is invertible, so predictions go
 back to each input's own grid with :class:`monai.transforms.Invertd`.
+
+The spec has two executors that compute the same array: the MONAI reference chain declared here
+(:func:`load_transforms`, :func:`inference_transforms`; training, validation, the ``monai``
+preprocessing of the predictor and the benchmark's tutorial baseline all use it) and the fast
+array path :func:`spleen_utils.infer.prepare` (the default path). ``tests/test_infer.py``
+(``test_preprocessing_equals_monai_transforms``) holds the two equal. The C++ program
+(``cpp/src/pipeline.hpp``) mirrors the same steps and reads the same recipe fields
+(:data:`PREPROCESSING_FIELDS`, :data:`WINDOW_FIELDS`) from an ONNX file's ``recipe`` metadata;
+``tests/test_transforms.py`` checks that correspondence.
 """
 
 from __future__ import annotations
@@ -34,8 +43,14 @@ from monai.transforms import (
 from .appearance import paint
 from .config import Recipe
 
+#: the recipe fields the preprocessing reads: HU window, axis codes, voxel size (mm)
+PREPROCESSING_FIELDS = ("hu_window", "orientation", "pixdim")
+#: the recipe fields the sliding-window inference reads: window size, windows per run, overlap
+WINDOW_FIELDS = ("sw_roi", "sw_batch_size", "overlap")
+
 
 def _deterministic(recipe: Recipe, keys: list[str], allow_missing: bool = False) -> list:
+    """The spec's steps (:data:`PREPROCESSING_FIELDS`): window, crop, orient, resample."""
     a_min, a_max = recipe.hu_window
     modes = ["bilinear" if k == "image" else "nearest" for k in keys]
     return [

@@ -210,7 +210,8 @@ def test_run_benchmark_writes_the_record(files, tmp_path):
 def test_the_other_rows_follow_the_default(files, tmp_path):
     """With the checkpoint alone the default is torch and ONNX Runtime is the other row; with its
     export beside it, the reverse (run_benchmark above measures the second case)."""
-    from spleen_utils.bench import _end_to_end_variants, process_commands
+    from spleen_utils.bench import process_commands
+    from spleen_utils.bench.end_to_end import _end_to_end_variants
 
     model, onnx_path, image = files
     variants, _ = _end_to_end_variants(model, onnx_path, torch.device("cpu"), "auto")
@@ -225,26 +226,27 @@ def test_the_other_rows_follow_the_default(files, tmp_path):
 
 def test_agreement_filters_a_copy():
     """The largest-component filter used for the agreement must not change the baseline's mask."""
-    from spleen_utils.bench import _lcc
+    from spleen_utils.infer import keep_one_component
 
     mask = np.zeros((20, 20, 20), np.uint8)
     mask[2:5, 2:5, 2:5] = 1
     mask[10:18, 10:18, 10:18] = 1
     before = mask.copy()
-    kept = _lcc(mask)
+    kept = keep_one_component(mask)
     assert np.array_equal(mask, before) and kept.sum() == 8**3
 
 
 def test_half_precision_reference_only_where_it_is_native(tmp_path, monkeypatch):
     """An emulated bf16 matrix product took minutes on a CPU without AVX512-BF16 and measured nothing useful."""
     from spleen_utils import bench
+    from spleen_utils.bench import patch as bench_patch
     from spleen_utils.config import Recipe
     from spleen_utils.model import build_network, save_checkpoint
 
     recipe = Recipe(channels=(4, 8, 16, 32, 64))
     model = save_checkpoint(build_network(recipe), recipe, tmp_path / "m.pt")
     dtypes = []
-    monkeypatch.setattr(bench, "matmul_gflops", lambda dev, dtype, **k: dtypes.append(dtype) or 1.0)
+    monkeypatch.setattr(bench_patch, "matmul_gflops", lambda dev, dtype, **k: dtypes.append(dtype) or 1.0)
     monkeypatch.setattr("spleen_utils.model.cpu_supports_bf16", lambda: False)
     rec = bench.bench_patches(model, None, None, "cpu", [1], 1, patch=(16, 16, 16))
     assert dtypes == [torch.float32] and rec["matmul_gflops"]["bf16"] is None

@@ -1,5 +1,10 @@
-// The geometry and intensity steps of the spleen pipeline, mirroring spleen_utils.transforms:
-// window HU -> crop to foreground -> orient (RAS) -> resample to the recipe spacing, and back.
+// The geometry and intensity steps of the spleen pipeline. The spec they mirror is the one in
+// spleen_utils/transforms.py (its MONAI reference chain, _deterministic / inference_transforms)
+// and its fast array path spleen_utils.infer.prepare: window HU -> crop to foreground -> orient
+// (RAS) -> resample to the recipe spacing, and back to the input grid after the network.
+// Every constant comes from the ONNX file's "recipe" metadata (recipe.cpp), the same fields
+// spleen_utils.transforms names: hu_window, orientation, pixdim (PREPROCESSING_FIELDS) and
+// sw_roi, sw_batch_size, overlap (WINDOW_FIELDS); tests/test_transforms.py checks the keys match.
 // Arrays here are C-order over (i0, i1, i2): index (i0 * d1 + i1) * d2 + i2, the layout of the
 // network's (N, C, X, Y, Z) tensors. The input Volume keeps NIfTI order (x fastest).
 #pragma once

@@ -1,4 +1,7 @@
-// The preprocessing recipe, read from the ONNX model's metadata (key "recipe", JSON).
+// The preprocessing recipe, read from the ONNX model's metadata (key "recipe", JSON): what
+// spleen_utils.artifact.onnx_metadata writes from spleen_utils.config.Recipe.to_dict. The field
+// names are Python's (spleen_utils/transforms.py: PREPROCESSING_FIELDS, WINDOW_FIELDS);
+// tests/test_transforms.py parses recipe.cpp and main.cpp and checks them against the Python side.
 #pragma once
 
 #include <array>
