@@ -197,7 +197,7 @@ def _gather_cases(cfg, data_dir, real_dir, val_cases: int | None) -> tuple[list[
 def _compare_case(case: dict[str, str], predictors: dict[str, Any], pairs: list[tuple[str, str]], say: Callable[[str], None]) -> dict[str, Any]:
     """One case segmented by every predictor: Dice against its label, voxels, seconds, window
     plan, and the agreement of each pair of backends."""
-    from .infer import prepare
+    from .preprocess import prepare
     from .io import load_nifti
     from .metrics import dice
 

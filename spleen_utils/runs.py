@@ -144,7 +144,7 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
 def same_run(cfg: Config, run: RunDir) -> tuple[bool, str]:
     """Whether ``run``'s record is exactly ``cfg`` trained on exactly ``cfg``'s files, and why not."""
     from .data import dataset_checksums
-    from .train import datalists
+    from .data import datalists
 
     record = run.read(RUN_RECORD)
     if not isinstance(record, dict):

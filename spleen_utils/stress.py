@@ -5,7 +5,7 @@ changed here the way another scanner, protocol or field of view changes a scan: 
 HU calibration, a softer reconstruction kernel, thicker slices, a spleen whose top lies outside
 the field of view. Every version goes through one model, and both ways of keeping one component
 are scored on the scan's own grid: MONAI's largest component, and the
-predictor's rule (:func:`spleen_utils.infer.keep_one_component`).
+predictor's rule (:func:`spleen_utils.postprocess.keep_one_component`).
 
 Run: ``python -m spleen_utils.stress outputs/runs/quick [more run folders] --out stress.json``.
 """

@@ -7,7 +7,7 @@ back to each input's own grid with :class:`monai.transforms.Invertd`.
 The spec has two executors that compute the same array: the MONAI reference chain declared here
 (:func:`load_transforms`, :func:`inference_transforms`; training, validation, the ``monai``
 preprocessing of the predictor and the benchmark's tutorial baseline all use it) and the fast
-array path :func:`spleen_utils.infer.prepare` (the default path). ``tests/test_infer.py``
+array path :func:`spleen_utils.preprocess.prepare` (the default path). ``tests/test_infer.py``
 (``test_preprocessing_equals_monai_transforms``) holds the two equal. The C++ program
 (``cpp/src/pipeline.hpp``) mirrors the same steps and reads the same recipe fields
 (:data:`PREPROCESSING_FIELDS`, :data:`WINDOW_FIELDS`) from an ONNX file's ``recipe`` metadata;
@@ -122,7 +122,6 @@ def augmentations(recipe: Recipe, appearance_prob: float, wild: float) -> list:
 
     Left and right are never flipped: the spleen is on the patient's left in every real body.
     """
-    keys = ["image", "label"]
     out: list = []
     if appearance_prob > 0:
         out.append(RandCTAppearanced(recipe.hu_window, recipe.pixdim, prob=appearance_prob, wild=wild))

@@ -16,7 +16,7 @@ def test_each_step_adds_one_ingredient_with_the_same_number_of_steps():
     assert cfgs[2].train_sources == ("phantom", "labelmap") and cfgs[2].real_train == ()
     assert cfgs[3] == get_config("quick")  # the last step is the quick profile itself
     # the plan's count is what training reads from the files (when they are here)
-    from spleen_utils.train import datalists
+    from spleen_utils.data import datalists
 
     if cfgs[3].dataset_dir.joinpath("dataset.json").exists():
         assert ablation._steps_per_epoch(cfgs[3]) == -(-len(datalists(cfgs[3])[0]) // cfgs[3].batch_size)

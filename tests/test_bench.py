@@ -226,7 +226,7 @@ def test_the_other_rows_follow_the_default(files, tmp_path):
 
 def test_agreement_filters_a_copy():
     """The largest-component filter used for the agreement must not change the baseline's mask."""
-    from spleen_utils.infer import keep_one_component
+    from spleen_utils.postprocess import keep_one_component
 
     mask = np.zeros((20, 20, 20), np.uint8)
     mask[2:5, 2:5, 2:5] = 1

@@ -37,7 +37,7 @@ def tiny_dataset(tmp_path):
 
 def _fake_finished_run(cfg) -> None:
     from spleen_utils.data import dataset_checksums
-    from spleen_utils.train import datalists
+    from spleen_utils.data import datalists
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

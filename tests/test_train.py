@@ -264,7 +264,8 @@ def test_two_process_ddp_run_writes_what_one_process_writes_and_its_metric_means
     import torch
     from monai.data import CacheDataset, DataLoader
 
-    from spleen_utils.train import amp_context, datalists, validate
+    from spleen_utils.data import datalists
+    from spleen_utils.train import amp_context, validate
     from spleen_utils.transforms import val_transforms
 
     args = ["--data", str(tiny_dataset), "--epochs", "2", "--val-cases", "2", "--val-interval", "1", "--batch-size", "1",

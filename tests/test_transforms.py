@@ -1,6 +1,6 @@
 """The one preprocessing spec (spleen_utils.transforms) and the C++ program that mirrors it.
 
-The MONAI reference chain and the fast array path (``spleen_utils.infer.prepare``) are held equal
+The MONAI reference chain and the fast array path (``spleen_utils.preprocess.prepare``) are held equal
 on small volumes by ``tests/test_infer.py::test_preprocessing_equals_monai_transforms``; here:
 the chain is built from the recipe's fields, and the C++ program reads those same fields, under
 the same names, from the ONNX metadata the Python exporter writes.
@@ -70,6 +70,6 @@ def test_cpp_reads_the_recipe_the_python_exporter_writes(tmp_path):
 
 def test_cpp_names_the_spec_it_mirrors():
     header = (CPP_SRC / "pipeline.hpp").read_text()
-    assert "spleen_utils/transforms.py" in header and "spleen_utils.infer.prepare" in header
+    assert "spleen_utils/transforms.py" in header and "spleen_utils.preprocess.prepare" in header
     for name in (*PREPROCESSING_FIELDS, *WINDOW_FIELDS):
         assert name in header

@@ -1,6 +1,6 @@
 // The geometry and intensity steps of the spleen pipeline. The spec they mirror is the one in
 // spleen_utils/transforms.py (its MONAI reference chain, _deterministic / inference_transforms)
-// and its fast array path spleen_utils.infer.prepare: window HU -> crop to foreground -> orient
+// and its fast array path spleen_utils.preprocess.prepare: window HU -> crop to foreground -> orient
 // (RAS) -> resample to the recipe spacing, and back to the input grid after the network.
 // Every constant comes from the ONNX file's "recipe" metadata (recipe.cpp), the same fields
 // spleen_utils.transforms names: hu_window, orientation, pixdim (PREPROCESSING_FIELDS) and
@@ -23,7 +23,7 @@ namespace spleen {
 
 using Dims = std::array<int64_t, 3>;
 
-// the most voxels a volume may have on the recipe's grid (spleen_utils.infer.MAX_RESAMPLED_VOXELS)
+// the most voxels a volume may have on the recipe's grid (spleen_utils.preprocess.MAX_RESAMPLED_VOXELS)
 constexpr int64_t kMaxResampledVoxels = int64_t(1) << 28;
 
 inline int64_t numel(const Dims& d) { return d[0] * d[1] * d[2]; }

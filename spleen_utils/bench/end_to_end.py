@@ -35,9 +35,9 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def _one_component(mask: np.ndarray, lcc: bool) -> np.ndarray:
     """The tutorial's mask as it is compared with a pipeline that keeps one component (``lcc``):
-    its largest component (:func:`spleen_utils.infer.keep_one_component`, which returns a new
+    its largest component (:func:`spleen_utils.postprocess.keep_one_component`, which returns a new
     array and leaves ``mask`` as it was), else the mask itself."""
-    from ..infer import keep_one_component
+    from ..postprocess import keep_one_component
 
     return keep_one_component(mask) if lcc else mask
 
@@ -203,7 +203,7 @@ def _variant_rows(run: dict[str, Any]) -> list[dict[str, Any]]:
 def _preprocessed_shape(vol, recipe) -> list[int] | None:
     """The shape of ``vol`` on the model's grid (the default path's preprocessing), or None."""
     try:
-        from ..infer import prepare
+        from ..preprocess import prepare
 
         p = prepare(vol, recipe)
         return list(p.image.shape) if p is not None and not isinstance(p, str) else None
@@ -239,7 +239,7 @@ def _case_record(run: dict[str, Any], predictor, recipe) -> dict[str, Any]:
         "variants": _variant_rows(run),
         "speedup": bs["median_s"] / os_["median_s"] if os_["median_s"] > 0 else None,
         # one component kept on both sides (the tutorial has no connected-component filter; the
-        # default path keeps one: infer.keep_one_component, the largest unless a comparable rival
+        # default path keeps one: postprocess.keep_one_component, the largest unless a comparable rival
         # is surer): what differs is the pipeline
         "dice_agreement": _dice(ref, our_mask),
         # against the tutorial's own output, post-processing difference included

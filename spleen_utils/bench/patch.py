@@ -28,7 +28,7 @@ def _patch_runners(model_path: Path, onnx_path: Path | None, engine_path: Path |
         except SpleenError as e:
             missing.append({"backend": backend, "precision": precision, "reason": str(e)})
             return
-        from ..infer import optimize_torch_backend  # as the Predictor runs it
+        from ..backends import optimize_torch_backend  # as the Predictor runs it
 
         done = optimize_torch_backend(b)
         runners.append({"backend": backend, "precision": b.precision, "device": str(b.device), "optimizations": done, "fn": b})

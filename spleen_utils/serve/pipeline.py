@@ -199,7 +199,7 @@ class SegmentationService:
             self.running += 1
         try:
             mask, tp = self.predictor.predict_volume(vol)  # type: ignore[union-attr]
-        except DataError as e:  # e.g. too many voxels once resampled (spleen_utils.infer.check_resampled_size)
+        except DataError as e:  # e.g. too many voxels once resampled (spleen_utils.preprocess.check_resampled_size)
             raise _bad_image("unsupported_image", str(e)) from None
         finally:
             with self._lock:

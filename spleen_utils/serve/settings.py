@@ -29,7 +29,7 @@ class ServiceSettings:
     max_queue: int = 4  # requests waiting for a slot; more get 503 + Retry-After
     sw_roi: tuple[int, int, int] | None = None  # sliding-window size (default: the model's recipe)
     sw_batch_size: int | None = None  # windows per network call (default: the model's recipe)
-    lcc: bool = True  # keep one connected component (infer.keep_one_component)
+    lcc: bool = True  # keep one connected component (postprocess.keep_one_component)
     tmp_dir: Path | None = None  # where uploads go (default: a fresh folder, removed at shutdown)
     upload_timeout_s: float = 300.0  # an upload still unfinished after this gets 408
     upload_grace_s: float = 10.0  # seconds an upload may take before the minimum rate applies

@@ -166,7 +166,7 @@ class Organs:
 
     def __init__(self, rng: np.random.Generator, body: Body, spleen: Spleen):
         u = rng.uniform
-        a, b, bx, by, ac, bc = body.a, body.b, body.bx, body.by, body.ac, body.bc
+        b, bx, by, ac, bc = body.b, body.bx, body.by, body.ac, body.bc
         spleen0, _ = spleen.shape(1.0)
         sp_half = spleen0.half_extent()
         zsp = spleen.zsp
