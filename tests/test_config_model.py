@@ -162,3 +162,30 @@ def test_onnx_and_engine_metadata_with_a_bad_recipe_are_refused(tmp_path):
         parse_metadata(props, "model.onnx")
     props["recipe"] = json.dumps(Recipe().to_dict())
     assert parse_metadata(props, "model.onnx")["recipe"]["sw_roi"] == [160, 160, 160]
+
+
+def test_pass_thresholds_come_from_the_profile_and_stay_out_of_the_run_record():
+    from spleen_utils.config import PASS_THRESHOLDS
+
+    quick, full = get_config("quick"), get_config("full")
+    assert quick.pass_thresholds == {"val_dice": 0.70, "real_dice": 0.50}
+    assert full.pass_thresholds == {"val_dice": 0.90, "real_dice": 0.80}
+    assert set(PASS_THRESHOLDS) == set(PROFILES)
+    # the run record compares to_dict(): a threshold there would make every finished run look different
+    assert "pass_thresholds" not in quick.to_dict()
+    quick.pass_thresholds["val_dice"] = 0.0  # a copy: the table is not changed through it
+    assert get_config("quick").pass_thresholds["val_dice"] == 0.70
+
+
+def test_notebook_setup_gives_the_config_the_run_folder_and_the_data_note(tmp_path):
+    from spleen_utils.config import notebook_setup
+    from spleen_utils.runs import RunDir
+
+    cfg, run, note = notebook_setup("quick", device="cpu", epochs=3)
+    assert cfg.epochs == 3 and cfg.device == "cpu"
+    assert isinstance(run, RunDir) and run.path == cfg.out_dir
+    assert note == " (synthetic quick-profile data)"
+    cfg, run, note = notebook_setup("quick", run_dir=tmp_path)
+    assert run.path == tmp_path and cfg.out_dir != tmp_path  # run_dir names the folder to read
+    cfg, run, note = notebook_setup("full", out_dir=tmp_path / "full", device=None)
+    assert run.path == tmp_path / "full" and cfg.device == "cuda" and note == ""

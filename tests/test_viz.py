@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import nibabel as nib
@@ -228,3 +229,25 @@ def test_js_slider_opens_on_the_spleen_and_has_a_legend(case):
     if start:
         assert f".set_frame({start})" in html
     assert "ground truth" in html and "prediction" in html
+
+
+def test_ct_slice_figures_show_as_jpeg_and_charts_as_png_in_a_kernel(case, monkeypatch):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from spleen_utils.viz import view
+
+    shell = InteractiveShell.instance()
+    try:
+        monkeypatch.setattr(shell, "kernel", object(), raising=False)  # what the registration looks for
+        view._register_inline_formatter()
+        overlay = viz.prediction_overlay(case, n_slices=2)
+        chart = viz.bar_chart(["torch", "onnx"], [5.0, 3.0], "ms per patch")
+        assert isinstance(overlay, viz.SliceFigure) and not isinstance(chart, viz.SliceFigure)
+        assert repr(overlay).startswith("<Figure size")  # the stored text form of a figure output is unchanged
+        shown, _ = shell.display_formatter.format(overlay)
+        assert "image/jpeg" in shown and "image/png" not in shown
+        assert base64.b64decode(shown["image/jpeg"])[:2] == b"\xff\xd8"  # a JPEG stream
+        shown, _ = shell.display_formatter.format(chart)
+        assert "image/png" in shown and "image/jpeg" not in shown
+    finally:
+        InteractiveShell.clear_instance()
