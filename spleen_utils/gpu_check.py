@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import SpleenError
+from .runs import RunDir
 
 # numpy and torch are imported where they are used: `spleen-seg --help` imports this module
 
@@ -74,7 +75,8 @@ def provenance(device: torch.device, smoke: bool) -> dict[str, Any]:
         "driver": _driver_version() if cuda else None,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        **versions(("torch", "monai", "spleen_utils", "python")),
+        "torch": str(torch.__version__),  # the running one, whether or not pip installed it
+        **versions(("monai", "spleen_utils", "python")),
         "cpu_count": os.cpu_count(),
         "cpu": cpu_name(),
         "smoke": bool(smoke),
@@ -411,7 +413,7 @@ def run_gpu_check(device: str = "cuda", smoke: bool = False, records: str | Path
         try:
             if part == "train":
                 result = check_training(work_dir, dev, smoke, say)
-                trained = work_dir / "run" / "best_model.pt"
+                trained = RunDir(work_dir / "run").best_model
             elif part == "patch":
                 result = check_patches(dev, smoke, say)
             else:
