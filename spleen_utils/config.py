@@ -261,7 +261,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # 0.927 / 0.888, not the 0.817 / 0.908 / 0.891 above: one seed's run is itself noisy by a few points.
     # What did help is post-processing, not training: the left gluteal muscles these models mark on real CT
     # with the pelvis in view became the largest component on stressed real scans, and keeping the component
-    # the network is surest of (infer.keep_one_component) removed every such failure (book/records/stress.json).
+    # the network is surest of (postprocess.keep_one_component) removed every such failure (book/records/stress.json).
     # Measured 2026-11-29, not kept: six extra tissue classes learned from the generated tissue maps (liver, kidney,
     # stomach, bowel, muscle, pancreas; cross-entropy over all classes beside the Dice loss on the spleen's marginal,
     # folded into background at inference). Generated validation rose (seeds 0 / 1: 0.749 -> 0.818, 0.778 -> 0.828),
