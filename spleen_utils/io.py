@@ -99,8 +99,10 @@ class Volume:
 # size field is 7 or negative with ``read(-1)``: the whole (decompressed) file at once.
 
 class NiftiHeaderError(DataError):
-    """A NIfTI header refused before nibabel reads it. ``kind``: ``not_nifti`` (no NIfTI header at
-    all), ``corrupt_nifti`` (truncated or damaged) or ``bad_header`` (a field out of range)."""
+    """A NIfTI header refused before any voxel is read. ``kind`` (the service's error code):
+    ``not_nifti`` (no NIfTI header at all), ``corrupt_nifti`` (truncated or damaged),
+    ``bad_header`` (a field out of range), ``image_too_large``, ``unsupported_image`` (not 3D, an
+    empty dimension, a non-numeric voxel type) or ``bad_geometry`` (a non-finite affine)."""
 
     def __init__(self, message: str, kind: str = "bad_header"):
         super().__init__(message)
