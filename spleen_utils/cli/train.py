@@ -88,7 +88,6 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
-
 def register(sub) -> None:
     t = add_command(sub, "train", cmd_train, help="train the recipe (quick: CPU minutes on synthetic data; full: MSD on a GPU)", epilog=TRAIN_EXAMPLES)
     t.add_argument("--profile", choices=["quick", "full"], default="quick",
