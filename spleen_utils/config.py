@@ -306,6 +306,9 @@ PROFILES: dict[str, dict[str, Any]] = {
 #: never trained on whose label was drawn by hand (notebook 03). Far above what an untrained network
 #: scores (about 0.0 to 0.1) and below what the profile reaches, so that a check fails when training
 #: or inference regresses.
+#: what figure titles add when the data is the quick profile's generated CT
+SYNTHETIC_NOTE = "synthetic quick-profile data"
+
 PASS_THRESHOLDS: dict[str, dict[str, float]] = {
     "quick": {"val_dice": 0.70, "real_dice": 0.50},
     "full": {"val_dice": 0.90, "real_dice": 0.80},
@@ -358,7 +361,6 @@ def notebook_setup(profile: str = "quick", run_dir: str | Path | None = None, **
     import warnings
 
     from .runs import RunDir
-    from .viz import SYNTHETIC_NOTE
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     cfg = get_config(profile, **overrides)

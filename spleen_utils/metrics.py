@@ -10,7 +10,6 @@ Empty masks, by design:
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -108,7 +107,7 @@ def evaluate(pred: str | Path, label: str | Path, json_out: str | Path | None = 
     """Score predictions against labels (files, or folders paired by case name)."""
     result = summarize([evaluate_case(p, l) for p, l in _pairs(Path(pred), Path(label))])
     if json_out is not None:
-        json_out = Path(json_out)
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result, indent=2))
+        from .provenance import write_json
+
+        write_json(result, json_out)
     return result

@@ -39,6 +39,7 @@ from .errors import SpleenError
 from .progress import Watcher
 from .evaluate import real_role
 from .provenance import read_json as _read_json
+from .provenance import write_json
 from .runs import EXPORT_REPORT, RUN_RECORD, SUMMARY, RunDir, rel
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
@@ -276,7 +277,7 @@ def run_notebooks(profile: str, overrides: dict[str, Any] | None = None, only: S
         merged = dict(old.get("notebooks", {}))
         merged.update(record["notebooks"])
         record["notebooks"] = merged
-    (out_dir / "reproduce.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json(record, out_dir / "reproduce.json")
     return record
 
 
@@ -479,7 +480,7 @@ def reproduce(profile: str = "quick", overrides: dict[str, Any] | None = None, o
     if not book_only:
         record["total_seconds"] = round(time.perf_counter() - t0, 1)
     record["skipped"] = skipped = skipped_steps(executed)
-    (executed / "reproduce.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json(record, executed / "reproduce.json")
     if refresh:
         refresh_notebooks(profile, executed, log=log)
     log("")

@@ -41,7 +41,7 @@ import torch
 
 from . import distributed
 from .config import Config
-from .data import count_sources, datalists, dataset_checksums  # datalists, count_sources: notebook 01 imports them from here
+from .data import count_sources, datalists, dataset_checksums
 from .errors import SpleenError
 from .io import atomic_path
 from .model import atomic_torch_save, build_network, cpu_supports_bf16, resolve_device, save_checkpoint

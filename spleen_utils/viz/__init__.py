@@ -21,8 +21,9 @@ from .figures import (ORGANS, agreement_heatmap, appearance_gallery, bar_chart, 
                       data_uri, figure_to_png, geometry_figure, grouped_bars, hu_histogram_figure, hu_histograms,
                       organ_hu_figure, organ_hu_histograms, organ_masks, prediction_overlay, training_curves,
                       volume_figure)
+from ..config import SYNTHETIC_NOTE  # figure titles say when the data is generated (notebook 07 reads viz.SYNTHETIC_NOTE)
 from .tables import dataset_table, markdown_table, natural_key, read_metrics
-from .view import (DISPLAY_WINDOW, GT_COLOR, PRED_COLOR, SYNTHETIC_NOTE, SliceFigure, ViewCase, largest_slice,
+from .view import (DISPLAY_WINDOW, GT_COLOR, PRED_COLOR, SliceFigure, ViewCase, largest_slice,
                    load_view, spleen_slices, to_lps, window01)
 
 __all__ = [

@@ -19,7 +19,6 @@ from matplotlib.figure import Figure
 DISPLAY_WINDOW = (-160.0, 240.0)
 GT_COLOR = (0.20, 0.85, 0.30)  # green
 PRED_COLOR = (1.00, 0.55, 0.00)  # orange
-SYNTHETIC_NOTE = "synthetic quick-profile data"
 
 
 class SliceFigure(Figure):
